@@ -1,0 +1,30 @@
+# Two entry points: `make serve` installs and runs the sidecar on models/default,
+# `make test` installs and runs the test suite (what CI runs via .ci/run).
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install serve test lint bench clean
+
+$(STAMP): pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+serve: install
+	$(BIN)/cxr-monitor serve
+
+lint: install
+	$(BIN)/ruff check monitor tests benchmarks models
+	$(BIN)/ruff format --check monitor tests benchmarks models
+
+test: install lint
+	bash scripts/ensure-prometheus.sh
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,210 @@
+"""Drift of a batch or window of images against the reference (pure functions).
+
+Everything here works on sufficient statistics (cluster counts, novel count, sum
+of failure probabilities, feature sums), so the CLI's batches and the server's
+sliding windows share one implementation.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from scipy.spatial.distance import jensenshannon
+
+from .errors import InvalidInputError
+from .types import DriftReport
+
+__all__ = ["DEFAULT_THRESHOLDS", "DriftThresholds", "SlidingWindow", "WindowStats", "drift_report", "psi"]
+
+_EPS = 1e-4
+
+
+@dataclass(frozen=True)
+class DriftThresholds:
+    """When a window counts as drifted.
+
+    Cluster-mix drift: ``chi2_p < chi2_alpha`` and ``psi > psi_min`` (the test
+    guards against noise in small windows, the PSI floor against trivial shifts in
+    large ones). Novelty drift: the novel share exceeds ``novelty_rate_min`` and is
+    significantly above the reference rate (binomial p < ``novelty_alpha``). No
+    verdict below ``min_images``.
+    """
+
+    psi_min: float = 0.1
+    chi2_alpha: float = 1e-3
+    novelty_rate_min: float = 0.05
+    novelty_alpha: float = 1e-3
+    min_images: int = 30
+
+    def to_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+DEFAULT_THRESHOLDS = DriftThresholds()
+
+
+def psi(observed: Any, expected: Any) -> float:
+    """Population stability index of two distributions (each normalised; ε-smoothed)."""
+    p = np.asarray(observed, dtype=np.float64) + _EPS
+    q = np.asarray(expected, dtype=np.float64) + _EPS
+    p, q = p / p.sum(), q / q.sum()
+    return float(np.sum((p - q) * np.log(p / q)))
+
+
+@dataclass
+class WindowStats:
+    """Running sufficient statistics of a set of scored images (mergeable)."""
+
+    n_clusters: int
+    n_features: int
+    cluster_counts: np.ndarray = field(init=False)
+    feature_sum: np.ndarray = field(init=False)
+    n: int = 0
+    n_novel: int = 0
+    failure_probability_sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
+        self.feature_sum = np.zeros(self.n_features, dtype=np.float64)
+
+    def add(self, cluster: int, is_novel: bool, failure_probability: float, z_features: np.ndarray) -> None:
+        """Add one image (``z_features``: its profile standardised by the reference)."""
+        self.cluster_counts[cluster] += 1
+        self.feature_sum += z_features
+        self.n += 1
+        self.n_novel += int(is_novel)
+        self.failure_probability_sum += float(failure_probability)
+
+    def remove(
+        self, cluster: int, is_novel: bool, failure_probability: float, z_features: np.ndarray
+    ) -> None:
+        """Take back one image added earlier (for sliding windows)."""
+        self.cluster_counts[cluster] -= 1
+        self.feature_sum -= z_features
+        self.n -= 1
+        self.n_novel -= int(is_novel)
+        self.failure_probability_sum -= float(failure_probability)
+
+
+def drift_report(
+    window: WindowStats,
+    reference_mix: Any,
+    reference_novelty_rate: float,
+    reference_failure_rate: float,
+    feature_names: tuple[str, ...] | list[str],
+    thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+    top: int = 5,
+) -> DriftReport:
+    """Compare a window with the reference.
+
+    Parameters
+    ----------
+    window : WindowStats
+        Features must be standardised by the reference mean and std, so that the
+        window mean of a feature is its shift in reference standard deviations.
+    reference_mix : array-like of shape (n_clusters,)
+        Share of each cluster in the reference set.
+    reference_novelty_rate : float
+        Share of reference images above the novelty threshold (1 - novelty quantile).
+    """
+    q = np.asarray(reference_mix, dtype=np.float64)
+    if q.shape != (window.n_clusters,) or not np.isclose(q.sum(), 1.0):
+        raise InvalidInputError(f"reference_mix must be {window.n_clusters} shares summing to 1")
+    n = window.n
+    counts = window.cluster_counts.astype(np.float64)
+    if n == 0:
+        return DriftReport(
+            n_images=0, drift=False, psi=0.0, js_distance=0.0, chi2_p=1.0, novelty_rate=0.0,
+            estimated_failure_rate=float("nan"), reference_failure_rate=reference_failure_rate,
+            cluster_counts=tuple(int(c) for c in counts), reference_mix=tuple(float(v) for v in q),
+            top_shifted_features=(), max_feature_shift=0.0, thresholds=thresholds.to_dict(),
+            reasons=("no images",),
+        )  # fmt: skip
+    p = counts / n
+    psi_value = psi(p, q)
+    js = float(jensenshannon(p + _EPS, q + _EPS, base=2))
+    expected = q * n
+    chi2_p = float(
+        stats.chisquare(counts, np.maximum(expected, 1e-9) * n / np.maximum(expected, 1e-9).sum()).pvalue
+    )
+    novelty_rate = window.n_novel / n
+    novelty_p = float(
+        stats.binomtest(window.n_novel, n, reference_novelty_rate, alternative="greater").pvalue
+    )
+    shift = window.feature_sum / n
+    order = np.argsort(-np.abs(shift))[:top]
+    reasons = []
+    if n >= thresholds.min_images:
+        if chi2_p < thresholds.chi2_alpha and psi_value > thresholds.psi_min:
+            reasons.append(f"cluster mix shifted (PSI {psi_value:.3f}, chi-square p {chi2_p:.2g})")
+        if novelty_rate > thresholds.novelty_rate_min and novelty_p < thresholds.novelty_alpha:
+            reasons.append(f"novel images {novelty_rate:.1%} vs {reference_novelty_rate:.1%} expected")
+    else:
+        reasons.append(f"fewer than {thresholds.min_images} images: no verdict")
+    drifted = n >= thresholds.min_images and bool(reasons)
+    return DriftReport(
+        n_images=n,
+        drift=drifted,
+        psi=psi_value,
+        js_distance=js,
+        chi2_p=chi2_p,
+        novelty_rate=novelty_rate,
+        estimated_failure_rate=window.failure_probability_sum / n,
+        reference_failure_rate=reference_failure_rate,
+        cluster_counts=tuple(int(c) for c in counts),
+        reference_mix=tuple(float(v) for v in q),
+        top_shifted_features=tuple((feature_names[i], float(shift[i])) for i in order),
+        max_feature_shift=float(np.abs(shift).max()),
+        thresholds=thresholds.to_dict(),
+        reasons=tuple(reasons),
+    )
+
+
+@dataclass(frozen=True)
+class _Entry:
+    time: float
+    cluster: int
+    is_novel: bool
+    failure_probability: float
+    z_features: np.ndarray
+
+
+class SlidingWindow:
+    """The last ``max_images`` images seen within ``max_age_seconds`` (either bound optional).
+
+    Not thread-safe: the caller serialises :meth:`add` and :meth:`stats`.
+    """
+
+    def __init__(self, n_clusters: int, n_features: int, max_images: int | None = None,
+                 max_age_seconds: float | None = None) -> None:  # fmt: skip
+        if max_images is None and max_age_seconds is None:
+            raise InvalidInputError("a sliding window needs max_images, max_age_seconds or both")
+        self.max_images = max_images
+        self.max_age_seconds = max_age_seconds
+        self._entries: deque[_Entry] = deque()
+        self._stats = WindowStats(n_clusters, n_features)
+
+    def add(self, now: float, cluster: int, is_novel: bool, failure_probability: float,
+            z_features: np.ndarray) -> None:  # fmt: skip
+        entry = _Entry(now, cluster, is_novel, failure_probability, np.asarray(z_features, dtype=np.float64))
+        self._entries.append(entry)
+        self._stats.add(cluster, is_novel, failure_probability, entry.z_features)
+        self.evict(now)
+
+    def evict(self, now: float) -> None:
+        """Drop entries beyond the count bound or older than the age bound."""
+        while self._entries and (
+            (self.max_images is not None and len(self._entries) > self.max_images)
+            or (self.max_age_seconds is not None and now - self._entries[0].time > self.max_age_seconds)
+        ):
+            e = self._entries.popleft()
+            self._stats.remove(e.cluster, e.is_novel, e.failure_probability, e.z_features)
+
+    def stats(self, now: float) -> WindowStats:
+        """Current statistics (after evicting what has aged out)."""
+        self.evict(now)
+        return self._stats

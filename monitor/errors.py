@@ -1,0 +1,62 @@
+"""Exceptions raised by the monitor, each carrying a transport-neutral code.
+
+The gRPC layer maps :attr:`MonitorError.code` to a status code; the CLI maps it
+to an exit status. Nothing here imports a transport.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ArtifactError",
+    "ImageTooLargeError",
+    "InvalidImageError",
+    "InvalidInputError",
+    "MonitorError",
+    "NotFittedError",
+    "UnsupportedImageError",
+]
+
+
+class MonitorError(Exception):
+    """Base class of every error the monitor raises on purpose.
+
+    Attributes
+    ----------
+    code : str
+        Transport-neutral category: ``"invalid_argument"``, ``"resource_exhausted"``,
+        ``"failed_precondition"`` or ``"internal"``.
+    """
+
+    code = "internal"
+
+
+class InvalidInputError(MonitorError, ValueError):
+    """A request or a table is malformed (wrong column, shape, dtype...)."""
+
+    code = "invalid_argument"
+
+
+class InvalidImageError(InvalidInputError):
+    """The bytes or file are not a readable image (truncated, not an image, no pixel data)."""
+
+
+class UnsupportedImageError(InvalidInputError):
+    """A readable image that is not a single-frame grayscale radiograph."""
+
+
+class ImageTooLargeError(InvalidInputError):
+    """The image header announces more pixels than the configured limit."""
+
+    code = "resource_exhausted"
+
+
+class ArtifactError(MonitorError):
+    """A model directory is missing files, was tampered with, or is of another spec version."""
+
+    code = "failed_precondition"
+
+
+class NotFittedError(MonitorError, AttributeError):
+    """An estimator method was called before ``fit``."""
+
+    code = "failed_precondition"

@@ -1,0 +1,179 @@
+"""The offline fit from files: outcomes table + image folder → saved model.
+
+The outcomes CSV has a column ``image`` (a path relative to the image folder) and
+either ``failure`` (0/1) or ``label`` (0/1) and ``score`` (classifier probability,
+positive when ``score >= threshold``). Every other column is kept as metadata.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .artifact import save_model
+from .batch import profile_files
+from .clustering import SpectralClusterer
+from .errors import InvalidInputError
+from .model import ReliabilityModel
+from .spectrum import SpectralProfiler
+
+__all__ = ["FitReport", "Outcomes", "fit_folder", "read_outcomes"]
+
+
+@dataclass
+class Outcomes:
+    """The parsed outcomes table (one entry per row, in file order)."""
+
+    images: list[str]
+    failures: np.ndarray
+    labels: np.ndarray | None
+    scores: np.ndarray | None
+    threshold: float | None
+    metadata: list[dict[str, str]]
+
+
+def _parse_01(value: str, column: str, row: int, path: Path) -> int:
+    v = value.strip().lower()
+    if v in ("1", "1.0", "true"):
+        return 1
+    if v in ("0", "0.0", "false"):
+        return 0
+    raise InvalidInputError(f"{path}: row {row}: column {column!r} must be 0 or 1, got {value!r}")
+
+
+def read_outcomes(path: str | os.PathLike, threshold: float | None = None) -> Outcomes:
+    """Read and validate an outcomes CSV (see the module docstring)."""
+    path = Path(path)
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            rows = list(reader)
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read the outcomes table ({exc.strerror})") from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not a readable CSV ({exc})") from exc
+    if "image" not in columns:
+        raise InvalidInputError(f"{path}: no 'image' column (columns: {', '.join(columns) or 'none'})")
+    has_failure = "failure" in columns
+    has_label_score = "label" in columns and "score" in columns
+    if not has_failure and not has_label_score:
+        raise InvalidInputError(f"{path}: needs a 'failure' column, or 'label' and 'score' columns")
+    if not rows:
+        raise InvalidInputError(f"{path}: the outcomes table has no rows")
+    images, seen = [], set()
+    for i, r in enumerate(rows, start=2):
+        name = (r.get("image") or "").strip()
+        if not name:
+            raise InvalidInputError(f"{path}: row {i}: empty 'image'")
+        if name in seen:
+            raise InvalidInputError(f"{path}: row {i}: image {name!r} is listed twice")
+        seen.add(name)
+        images.append(name)
+    labels = scores = None
+    if has_label_score:
+        labels = np.array([_parse_01(r["label"], "label", i, path) for i, r in enumerate(rows, start=2)])
+        try:
+            scores = np.array([float(r["score"]) for r in rows])
+        except ValueError as exc:
+            raise InvalidInputError(f"{path}: column 'score' must be numeric ({exc})") from exc
+        if not np.all((scores >= 0) & (scores <= 1)):
+            raise InvalidInputError(f"{path}: column 'score' must hold probabilities in [0, 1]")
+        threshold = 0.5 if threshold is None else threshold
+    if has_failure:
+        failures = np.array([_parse_01(r["failure"], "failure", i, path) for i, r in enumerate(rows, start=2)])
+    else:
+        failures = ((scores >= threshold).astype(int) != labels).astype(int)
+    reserved = {"image", "failure", "label", "score"}
+    metadata = [{k: v for k, v in r.items() if k not in reserved and k is not None} for r in rows]
+    return Outcomes(images, failures, labels, scores, threshold if has_label_score else None, metadata)
+
+
+@dataclass
+class FitReport:
+    """What :func:`fit_folder` did."""
+
+    model: ReliabilityModel
+    out: Path
+    n_listed: int
+    n_fitted: int
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    cache_hits: int = 0
+    seconds: float = 0.0
+
+
+def fit_folder(
+    images: str | os.PathLike,
+    outcomes: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    threshold: float | None = None,
+    n_clusters: str | int = "auto",
+    k_max: int = 10,
+    min_cluster_size: float = 0.03,
+    seed: int = 0,
+    jobs: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+    progress: bool = False,
+    card: dict[str, Any] | None = None,
+    working_size: int | None = None,
+) -> FitReport:
+    """Profile the listed images, fit a :class:`ReliabilityModel` and save it to ``out``.
+
+    Raises
+    ------
+    InvalidInputError
+        Bad outcomes table; with ``strict``, any image that fails to load.
+    """
+    t0 = time.perf_counter()
+    images = Path(images)
+    if not images.is_dir():
+        raise InvalidInputError(f"{images}: image folder not found")
+    table = read_outcomes(outcomes, threshold)
+    profiler = SpectralProfiler(working_size=working_size) if working_size else SpectralProfiler()
+    batch = profile_files(
+        [images / name for name in table.images], profiler, jobs=jobs, cache_dir=cache_dir, progress=progress
+    )
+    errors = [(str(p), reason) for p, reason in batch.errors]
+    if errors and strict:
+        listing = "; ".join(reason for _, reason in errors[:5])
+        raise InvalidInputError(f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}")
+    index = {images / name: i for i, name in enumerate(table.images)}
+    keep = np.array([index[p] for p in batch.paths], dtype=np.intp)
+    records = [
+        {"image": table.images[i], **table.metadata[i], **{f"img_{k}": v for k, v in m.items() if v is not None}}
+        for i, m in zip(keep, batch.metas, strict=True)
+    ]
+    summary = {
+        "n_listed": len(table.images),
+        "n_fitted": int(keep.size),
+        "n_failed_to_load": len(errors),
+        "n_failures": int(table.failures[keep].sum()),
+        "failure_rate": float(table.failures[keep].mean()) if keep.size else float("nan"),
+        "threshold": table.threshold,
+        "outcome_columns": "label+score" if table.labels is not None else "failure",
+    }
+    model = ReliabilityModel.fit(
+        batch.profiles,
+        table.failures[keep],
+        profiler=profiler,
+        clusterer=SpectralClusterer(
+            n_clusters=n_clusters, k_range=(2, k_max), min_cluster_size=min_cluster_size, random_state=seed
+        ),
+        labels=table.labels[keep] if table.labels is not None else None,
+        scores=table.scores[keep] if table.scores is not None else None,
+        threshold=table.threshold,
+        card={**(card or {}), "fit_data": summary, "seed": seed},
+        records=records,
+    )
+    save_model(model, out)
+    return FitReport(
+        model, Path(out), len(table.images), int(keep.size), errors, batch.cache_hits, time.perf_counter() - t0
+    )

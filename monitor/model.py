@@ -1,0 +1,240 @@
+"""The fitted reliability model: spectral clusters + failure rates + calibration + reference.
+
+:meth:`ReliabilityModel.fit` is the offline fit on profiles and outcomes;
+:meth:`ReliabilityModel.score` turns profiles into :class:`~monitor.types.ScoreResult`;
+:meth:`ReliabilityModel.drift` compares a window with the reference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import platform
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import __version__
+from .clustering import SpectralClusterer, check_profiles
+from .drift import DEFAULT_THRESHOLDS, DriftThresholds, WindowStats, drift_report
+from .errors import InvalidInputError
+from .reliability import ClusterCalibrator, ClusterFailureRates
+from .spectrum import SpectralProfiler
+from .types import DriftReport, ScoreResult
+
+__all__ = ["ReliabilityModel", "library_versions"]
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of everything that can change a number the model reports."""
+    import joblib
+    import pyfftw
+    import scipy
+    import sklearn
+
+    return {
+        "cxr-spectral-monitor": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "scikit-learn": sklearn.__version__,
+        "pyfftw": pyfftw.__version__,
+        "fftw": ".".join(str(v) for v in pyfftw.fftw_version_tuple),
+        "joblib": joblib.__version__,
+    }
+
+
+@dataclass
+class ReliabilityModel:
+    """Everything needed to score an image's reliability; built by :meth:`fit` or loaded."""
+
+    profiler: SpectralProfiler
+    clusterer: SpectralClusterer
+    rates: ClusterFailureRates
+    calibrator: ClusterCalibrator | None
+    cluster_feature_mean: np.ndarray  # (k, d) standardised profile mean of each cluster
+    cluster_feature_std: np.ndarray  # (k, d)
+    reference_mix: np.ndarray  # (k,)
+    reference_novelty_rate: float
+    reference_failure_probability: float  # mean predicted failure probability on the fit set
+    drift_thresholds: DriftThresholds = DEFAULT_THRESHOLDS
+    card: dict[str, Any] = field(default_factory=dict)
+    # The fit set, kept for reports and slice analysis: profiles and one record per image
+    # (image name, failure, cluster, and any metadata columns of the outcomes table).
+    fit_profiles: np.ndarray | None = None
+    fit_records: list[dict[str, Any]] | None = None
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self.profiler.feature_names
+
+    @property
+    def n_clusters(self) -> int:
+        return self.clusterer.n_clusters_
+
+    @property
+    def model_id(self) -> str:
+        return str(self.card.get("model_id", "unsaved"))
+
+    @classmethod
+    def fit(
+        cls,
+        profiles: Any,
+        failures: Any,
+        *,
+        profiler: SpectralProfiler,
+        clusterer: SpectralClusterer | None = None,
+        prior_strength: float = 10.0,
+        labels: Any = None,
+        scores: Any = None,
+        threshold: float | None = None,
+        drift_thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+        card: dict[str, Any] | None = None,
+        records: list[dict[str, Any]] | None = None,
+    ) -> ReliabilityModel:
+        """Fit clusters, failure rates and (when labels and scores are given) calibration.
+
+        Parameters
+        ----------
+        profiles : ndarray of shape (n_images, n_features)
+        failures : ndarray of shape (n_images,), 0/1
+            Whether the classifier was wrong on each image.
+        records : list of dict, optional
+            One per image (name and metadata), kept in the model with the
+            assigned cluster and the failure for reports and slice analysis.
+        labels, scores : ndarray of shape (n_images,), optional
+            True 0/1 labels and classifier scores; with ``threshold`` they fit the
+            per-cluster calibration used when a request carries the classifier's score.
+        """
+        X = check_profiles(profiles, len(profiler.feature_names))
+        failures = np.asarray(failures)
+        if failures.shape != (X.shape[0],) or not np.isin(failures, (0, 1)).all():
+            raise InvalidInputError(f"failures must be {X.shape[0]} values of 0 or 1")
+        if records is not None and len(records) != X.shape[0]:
+            raise InvalidInputError(f"got {len(records)} records for {X.shape[0]} profiles")
+        clusterer = clusterer if clusterer is not None else SpectralClusterer()
+        clusterer.fit(X)
+        memberships = clusterer.predict_proba(X)
+        hard = memberships.argmax(axis=1)
+        k = clusterer.n_clusters_
+        rates = ClusterFailureRates(n_clusters=k, prior_strength=prior_strength).fit(hard, failures)
+        calibrator = None
+        if labels is not None and scores is not None:
+            if threshold is None:
+                raise InvalidInputError("a decision threshold is needed to calibrate scores")
+            calibrator = ClusterCalibrator(threshold=threshold).fit(scores, labels, memberships)
+        Z = clusterer.standardise(X)
+        mean = np.zeros((k, X.shape[1]))
+        std = np.ones((k, X.shape[1]))
+        for c in range(k):
+            rows = Z[hard == c]
+            if len(rows):
+                mean[c] = rows.mean(axis=0)
+            if len(rows) > 1:
+                std[c] = np.maximum(rows.std(axis=0), 1e-3)
+        novelty, _ = clusterer.novelty(X)
+        ref_novel = float(np.mean(novelty > clusterer.novelty_quantile))
+        model = cls(
+            profiler=profiler,
+            clusterer=clusterer,
+            rates=rates,
+            calibrator=calibrator,
+            cluster_feature_mean=mean,
+            cluster_feature_std=std,
+            reference_mix=np.bincount(hard, minlength=k) / len(hard),
+            reference_novelty_rate=max(ref_novel, 1 - clusterer.novelty_quantile),
+            reference_failure_probability=float(np.mean(rates.predict_failure(memberships)[0])),
+            drift_thresholds=drift_thresholds,
+            card=dict(card or {}),
+            fit_profiles=X,
+            fit_records=[
+                {
+                    **(records[i] if records is not None else {}),
+                    "cluster": int(hard[i]),
+                    "failure": int(failures[i]),
+                }
+                for i in range(X.shape[0])
+            ],
+        )
+        model.card.setdefault("versions", library_versions())
+        model.card["model_id"] = model.fingerprint()
+        return model
+
+    def fingerprint(self) -> str:
+        """Short content hash of the fitted state: identical fits give identical ids."""
+        h = hashlib.sha256()
+        for name, arr in sorted(self.clusterer.to_arrays().items()):
+            h.update(name.encode())
+            h.update(np.ascontiguousarray(np.round(arr, 10)).tobytes())
+        h.update(np.round(self.rates.rate_, 10).tobytes())
+        return "cxrm-" + h.hexdigest()[:12]
+
+    def score(self, profiles: Any, classifier_scores: Any = None, top: int = 3) -> list[ScoreResult]:
+        """Reliability of each profile.
+
+        Parameters
+        ----------
+        profiles : ndarray of shape (n_images, n_features)
+        classifier_scores : array-like of shape (n_images,), optional
+            The classifier's probability for the positive class; ``nan`` where
+            unknown. Used only when the model has a calibrator.
+        top : int
+            How many most-deviating features to report per image.
+        """
+        X = check_profiles(profiles, len(self.feature_names))
+        memberships = self.clusterer.predict_proba(X)
+        loglik = self.clusterer.score_samples(X)
+        novelty, _ = self.clusterer.novelty(X)
+        p_cluster, lower, upper = self.rates.predict_failure(memberships)
+        p_final = p_cluster.copy()
+        method = np.full(X.shape[0], "cluster", dtype=object)
+        if classifier_scores is not None and self.calibrator is not None:
+            s = np.asarray(classifier_scores, dtype=np.float64).ravel()
+            if s.shape != (X.shape[0],):
+                raise InvalidInputError(f"expected {X.shape[0]} classifier scores, got {s.shape[0]}")
+            known = np.isfinite(s)
+            if known.any():
+                p_final[known] = self.calibrator.predict_failure(s[known], memberships[known])
+                method[known] = "calibrated_score"
+        Z = self.clusterer.standardise(X)
+        hard = memberships.argmax(axis=1)
+        dev = (Z - self.cluster_feature_mean[hard]) / self.cluster_feature_std[hard]
+        names = self.feature_names
+        results = []
+        for i in range(X.shape[0]):
+            order = np.argsort(-np.abs(dev[i]))[:top]
+            results.append(
+                ScoreResult(
+                    cluster=int(hard[i]),
+                    memberships=tuple(float(m) for m in memberships[i]),
+                    failure_probability=float(p_final[i]),
+                    failure_interval=(float(lower[i]), float(upper[i])),
+                    reliability=float(1.0 - p_final[i]),
+                    novelty=float(novelty[i]),
+                    is_novel=bool(novelty[i] > self.clusterer.novelty_quantile),
+                    log_likelihood=float(loglik[i]),
+                    in_blind_spot=bool(self.rates.blind_spot_[hard[i]]),
+                    top_features=tuple((names[j], float(dev[i, j])) for j in order),
+                    cluster_failure_probability=float(p_cluster[i]),
+                    method=str(method[i]),
+                )
+            )
+        return results
+
+    def new_window(self) -> WindowStats:
+        return WindowStats(n_clusters=self.n_clusters, n_features=len(self.feature_names))
+
+    def standardise(self, profiles: Any) -> np.ndarray:
+        """Profiles in reference standard deviations, shape (n_images, n_features)."""
+        return self.clusterer.standardise(profiles)
+
+    def drift(self, window: WindowStats) -> DriftReport:
+        """Drift report of a window filled from this model's scores."""
+        return drift_report(
+            window,
+            self.reference_mix,
+            self.reference_novelty_rate,
+            self.reference_failure_probability,
+            self.feature_names,
+            self.drift_thresholds,
+        )

@@ -1,0 +1,114 @@
+"""Small frozen records passed between the steps load → profile → score → drift."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["DriftReport", "ImageMeta", "LoadedImage", "ScoreResult", "ScoredImage"]
+
+
+@dataclass(frozen=True)
+class ImageMeta:
+    """Where an image came from and how it was acquired (``None`` where unknown).
+
+    ``rows``/``columns`` are the native size before any resampling.
+    """
+
+    source: str
+    format: str
+    rows: int
+    columns: int
+    bits_stored: int | None = None
+    photometric_interpretation: str | None = None
+    transfer_syntax: str | None = None
+    modality: str | None = None
+    manufacturer: str | None = None
+    manufacturer_model_name: str | None = None
+    view_position: str | None = None
+    pixel_spacing_mm: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    """A decoded radiograph.
+
+    pixels : ndarray of shape (rows, columns), dtype=float32
+        Modality values (rescale applied), one polarity: bright = dense (bone).
+    """
+
+    pixels: np.ndarray
+    meta: ImageMeta
+
+
+@dataclass(frozen=True)
+class ScoreResult:
+    """Reliability of one image under a fitted model."""
+
+    cluster: int
+    memberships: tuple[float, ...]
+    failure_probability: float
+    failure_interval: tuple[float, float]
+    reliability: float
+    novelty: float
+    is_novel: bool
+    log_likelihood: float
+    in_blind_spot: bool
+    top_features: tuple[tuple[str, float], ...] = field(default=())
+    cluster_failure_probability: float = float("nan")
+    method: str = "cluster"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["memberships"] = list(self.memberships)
+        d["failure_interval"] = list(self.failure_interval)
+        d["top_features"] = [{"feature": n, "z": z} for n, z in self.top_features]
+        return d
+
+
+@dataclass(frozen=True)
+class DriftReport:
+    """A batch or window of images compared with the model's reference."""
+
+    n_images: int
+    drift: bool
+    psi: float
+    js_distance: float
+    chi2_p: float
+    novelty_rate: float
+    estimated_failure_rate: float
+    reference_failure_rate: float
+    cluster_counts: tuple[int, ...]
+    reference_mix: tuple[float, ...]
+    top_shifted_features: tuple[tuple[str, float], ...]
+    max_feature_shift: float
+    thresholds: dict[str, float]
+    reasons: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["cluster_counts"] = list(self.cluster_counts)
+        d["reference_mix"] = list(self.reference_mix)
+        d["top_shifted_features"] = [{"feature": n, "z": z} for n, z in self.top_shifted_features]
+        d["reasons"] = list(self.reasons)
+        return d
+
+
+@dataclass(frozen=True)
+class ScoredImage:
+    """One image through the whole path, as the server and CLI need it.
+
+    z_profile : ndarray of shape (n_features,)
+        The profile in reference standard deviations (feeds drift windows).
+    timings : seconds spent in ``decode``, ``profile`` and ``score``.
+    """
+
+    result: ScoreResult
+    meta: ImageMeta
+    z_profile: np.ndarray
+    timings: dict[str, float]
