@@ -80,9 +80,18 @@ def main() -> int:
         },
     )
     rates = report.model.rates.to_json()
-    print(json.dumps({"model_id": report.model.model_id, "threshold": threshold,
-                      "global_rate": rates["global_rate"], "chi2_p": rates["chi2_p"],
-                      "cramers_v": rates["cramers_v"], "seconds": round(report.seconds, 1)}))
+    print(
+        json.dumps(
+            {
+                "model_id": report.model.model_id,
+                "threshold": threshold,
+                "global_rate": rates["global_rate"],
+                "chi2_p": rates["chi2_p"],
+                "cramers_v": rates["cramers_v"],
+                "seconds": round(report.seconds, 1),
+            }
+        )
+    )
     return 0
 
 

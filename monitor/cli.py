@@ -114,7 +114,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
         try:
             clusters = int(clusters)
         except ValueError:
-            raise InvalidInputError(f"--clusters must be 'auto' or an integer, got {args.clusters!r}") from None
+            raise InvalidInputError(
+                f"--clusters must be 'auto' or an integer, got {args.clusters!r}"
+            ) from None
     report = fit_folder(
         args.images,
         args.outcomes,
@@ -131,7 +133,7 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     )
     m = report.model
     rates = m.rates.to_json()
-    for path, reason in report.errors:
+    for _, reason in report.errors:
         print(f"skipped: {reason}", file=sys.stderr)
     if args.json:
         print_json(
@@ -168,7 +170,9 @@ def _cmd_fit(args: argparse.Namespace) -> int:
 
 
 def _print_cluster_table(rows: list[dict]) -> None:
-    print(f"{'cluster':>7} {'images':>6} {'fail':>5} {'rate':>6} {'95% interval':>15} {'lift':>5} {'q':>7}  blind spot")
+    print(
+        f"{'cluster':>7} {'images':>6} {'fail':>5} {'rate':>6} {'95% interval':>15} {'lift':>5} {'q':>7}  blind spot"
+    )
     for r in rows:
         print(
             f"{r['cluster']:>7} {r['n_images']:>6} {r['n_failures']:>5} {r['rate']:>6.3f} "
@@ -246,12 +250,16 @@ def _cmd_drift(args: argparse.Namespace) -> int:
         print(f"{report.n_images} images: {'DRIFT' if report.drift else 'no drift'}")
         for reason in report.reasons:
             print(f"  - {reason}")
-        print(f"  PSI {report.psi:.3f}  JS distance {report.js_distance:.3f}  chi-square p {report.chi2_p:.3g}")
+        print(
+            f"  PSI {report.psi:.3f}  JS distance {report.js_distance:.3f}  chi-square p {report.chi2_p:.3g}"
+        )
         print(
             f"  novelty rate {report.novelty_rate:.3f}  estimated failure rate "
             f"{report.estimated_failure_rate:.3f} (reference {report.reference_failure_rate:.3f})"
         )
-        print("  most shifted features: " + ", ".join(f"{n} {z:+.2f}σ" for n, z in report.top_shifted_features))
+        print(
+            "  most shifted features: " + ", ".join(f"{n} {z:+.2f}σ" for n, z in report.top_shifted_features)
+        )
     return status
 
 
@@ -330,9 +338,13 @@ def build_parser() -> argparse.ArgumentParser:
         """,
         "example:\n  cxr-monitor profile chest.dcm scans/ --json",
     )
-    p.add_argument("paths", nargs="+", metavar="PATH", help="image files (DICOM, PNG, JPEG, WebP, TIFF) or folders")
+    p.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files (DICOM, PNG, JPEG, WebP, TIFF) or folders"
+    )
     p.add_argument("--json", action="store_true", help='one JSON object per image: {"image", "features"}')
-    p.add_argument("--working-size", type=int, default=512, help="working image side in pixels (default: 512)")
+    p.add_argument(
+        "--working-size", type=int, default=512, help="working image side in pixels (default: 512)"
+    )
     p.set_defaults(func=_cmd_profile)
 
     p = _add(
@@ -355,14 +367,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, metavar="DIR", help="folder holding the images")
     p.add_argument("--outcomes", required=True, metavar="CSV", help="outcomes table (see above)")
     p.add_argument("--out", required=True, metavar="MODEL_DIR", help="where to write the model")
-    p.add_argument("--threshold", type=float, default=None, help="decision threshold for label+score (default 0.5)")
-    p.add_argument("--clusters", default="auto", help="'auto' (BIC over 2..--k-max) or a number (default: auto)")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="decision threshold for label+score (default 0.5)"
+    )
+    p.add_argument(
+        "--clusters", default="auto", help="'auto' (BIC over 2..--k-max) or a number (default: auto)"
+    )
     p.add_argument("--k-max", type=int, default=10, help="largest cluster count tried by auto (default: 10)")
     p.add_argument(
-        "--min-cluster-size", type=float, default=0.03, help="fraction (<1) or count of images (default: 0.03)"
+        "--min-cluster-size",
+        type=float,
+        default=0.03,
+        help="fraction (<1) or count of images (default: 0.03)",
     )
-    p.add_argument("--seed", type=int, default=0, help="random seed; equal seeds give equal models (default: 0)")
-    p.add_argument("--jobs", type=int, default=1, help="parallel profiling processes; -1 = all cores (default: 1)")
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; equal seeds give equal models (default: 0)"
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="parallel profiling processes; -1 = all cores (default: 1)"
+    )
     p.add_argument("--cache-dir", default=None, help="profile cache (default: ~/.cache/cxr-monitor)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the profile cache")
     p.add_argument("--strict", action="store_true", help="abort if any image fails to load")
@@ -395,16 +418,32 @@ def build_parser() -> argparse.ArgumentParser:
             _cmd_drift,
         ),
     ):
-        p = _add(sub, name, summary, description, f"example:\n  cxr-monitor {name} --model models/default scans/ --json")
+        p = _add(
+            sub,
+            name,
+            summary,
+            description,
+            f"example:\n  cxr-monitor {name} --model models/default scans/ --json",
+        )
         p.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
-        p.add_argument("--model", default=str(default_model_dir()), metavar="MODEL_DIR", help="model directory")
+        p.add_argument(
+            "--model", default=str(default_model_dir()), metavar="MODEL_DIR", help="model directory"
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--progress", action="store_true", help="show a progress bar")
         if name == "score":
-            p.add_argument("--scores", metavar="CSV", help="classifier scores: columns image (file name), score")
+            p.add_argument(
+                "--scores", metavar="CSV", help="classifier scores: columns image (file name), score"
+            )
         p.set_defaults(func=func)
 
-    p = _add(sub, "info", "describe a fitted model", "Print the model card and the per-cluster failure rates.")
+    p = _add(
+        sub,
+        "info",
+        "describe a fitted model",
+        "Print the model card and the per-cluster failure rates, blind spots marked.",
+        "example:\n  cxr-monitor info --model models/default --json",
+    )
     p.add_argument("--model", default=str(default_model_dir()), metavar="MODEL_DIR", help="model directory")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
