@@ -195,12 +195,14 @@ def _read_scores(path: str) -> dict[str, float]:
         raise InvalidInputError(f"{path}: column 'score' must be numeric ({exc})") from exc
 
 
-def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None]) -> tuple[list, int]:
+def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None]) -> tuple[Any, list, int]:
+    """Score every image of ``args.paths``; returns the engine, the scored images and an exit status."""
     from tqdm import tqdm
 
+    from .batch import default_cache_dir
     from .engine import Engine
 
-    engine = Engine.from_directory(args.model)
+    engine = Engine.from_directory(args.model, wisdom_path=default_cache_dir() / "fftw-wisdom.txt")
     scores = _read_scores(args.scores) if getattr(args, "scores", None) else {}
     paths = expand_paths(args.paths)
     if not paths:
@@ -216,7 +218,7 @@ def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None
             continue
         scored.append(result)
         on_result(path, result)
-    return scored, status
+    return engine, scored, status
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -234,15 +236,11 @@ def _cmd_score(args: argparse.Namespace) -> int:
             )
             print(f"    most deviating: {top}")
 
-    _, status = _score_paths(args, emit)
-    return status
+    return _score_paths(args, emit)[2]
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
-    from .engine import Engine
-
-    scored, status = _score_paths(args, lambda p, s: None)
-    engine = Engine.from_directory(args.model)
+    engine, scored, status = _score_paths(args, lambda p, s: None)
     report = engine.batch_drift(scored)
     if args.json:
         print_json(report.to_dict())

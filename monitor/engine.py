@@ -31,6 +31,8 @@ class Engine:
         Largest image accepted (checked from the header before decoding).
     fft_threads : int
         FFTW threads per transform.
+    wisdom_path : path, optional
+        FFTW wisdom file, read before the first plan and updated when planning learnt more.
     """
 
     def __init__(
@@ -39,11 +41,14 @@ class Engine:
         *,
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         fft_threads: int = 1,
+        wisdom_path: str | os.PathLike | None = None,
     ) -> None:
         self.model = model
         self.max_pixels = max_pixels
         spec = model.profiler
-        self.profiler = SpectralProfiler(spec.working_size, spec.n_bands, fft_threads=fft_threads)
+        self.profiler = SpectralProfiler(
+            spec.working_size, spec.n_bands, fft_threads=fft_threads, wisdom_path=wisdom_path
+        )
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, **kwargs: Any) -> Engine:

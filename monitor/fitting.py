@@ -21,7 +21,7 @@ from .batch import profile_files
 from .clustering import SpectralClusterer
 from .errors import InvalidInputError
 from .model import ReliabilityModel
-from .spectrum import SpectralProfiler
+from .spectrum import DEFAULT_WORKING_SIZE, SpectralProfiler
 
 __all__ = ["FitReport", "Outcomes", "fit_folder", "read_outcomes"]
 
@@ -87,7 +87,9 @@ def read_outcomes(path: str | os.PathLike, threshold: float | None = None) -> Ou
             raise InvalidInputError(f"{path}: column 'score' must hold probabilities in [0, 1]")
         threshold = 0.5 if threshold is None else threshold
     if has_failure:
-        failures = np.array([_parse_01(r["failure"], "failure", i, path) for i, r in enumerate(rows, start=2)])
+        failures = np.array(
+            [_parse_01(r["failure"], "failure", i, path) for i, r in enumerate(rows, start=2)]
+        )
     else:
         failures = ((scores >= threshold).astype(int) != labels).astype(int)
     reserved = {"image", "failure", "label", "score"}
@@ -137,18 +139,25 @@ def fit_folder(
     if not images.is_dir():
         raise InvalidInputError(f"{images}: image folder not found")
     table = read_outcomes(outcomes, threshold)
-    profiler = SpectralProfiler(working_size=working_size) if working_size else SpectralProfiler()
+    wisdom = Path(cache_dir) / "fftw-wisdom.txt" if cache_dir is not None else None
+    profiler = SpectralProfiler(working_size=working_size or DEFAULT_WORKING_SIZE, wisdom_path=wisdom)
     batch = profile_files(
         [images / name for name in table.images], profiler, jobs=jobs, cache_dir=cache_dir, progress=progress
     )
     errors = [(str(p), reason) for p, reason in batch.errors]
     if errors and strict:
         listing = "; ".join(reason for _, reason in errors[:5])
-        raise InvalidInputError(f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}")
+        raise InvalidInputError(
+            f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}"
+        )
     index = {images / name: i for i, name in enumerate(table.images)}
     keep = np.array([index[p] for p in batch.paths], dtype=np.intp)
     records = [
-        {"image": table.images[i], **table.metadata[i], **{f"img_{k}": v for k, v in m.items() if v is not None}}
+        {
+            "image": table.images[i],
+            **table.metadata[i],
+            **{f"img_{k}": v for k, v in m.items() if v is not None},
+        }
         for i, m in zip(keep, batch.metas, strict=True)
     ]
     summary = {
@@ -175,5 +184,11 @@ def fit_folder(
     )
     save_model(model, out)
     return FitReport(
-        model, Path(out), len(table.images), int(keep.size), errors, batch.cache_hits, time.perf_counter() - t0
+        model,
+        Path(out),
+        len(table.images),
+        int(keep.size),
+        errors,
+        batch.cache_hits,
+        time.perf_counter() - t0,
     )

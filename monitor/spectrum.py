@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -36,9 +37,12 @@ _PLANNER_EFFORTS = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT")
 # Planning mutates FFTW's global planner state; executing a finished plan does not.
 _PLAN_LOCK = threading.Lock()
 _LOCAL = threading.local()
+_WISDOM_LOADED: set[str] = set()
+# A plan that takes longer than this was not covered by wisdom: worth saving what was learnt.
+_SLOW_PLAN_SECONDS = 0.05
 
 
-def _plan(n: int, threads: int, effort: str) -> pyfftw.FFTW:
+def _plan(n: int, threads: int, effort: str, wisdom_path: str | None = None) -> pyfftw.FFTW:
     """This thread's rfft2 plan for an (n, n) float32 image, with its own buffers."""
     plans = getattr(_LOCAL, "plans", None)
     if plans is None:
@@ -46,10 +50,19 @@ def _plan(n: int, threads: int, effort: str) -> pyfftw.FFTW:
     key = (n, threads, effort)
     plan = plans.get(key)
     if plan is None:
+        if wisdom_path is not None and wisdom_path not in _WISDOM_LOADED:
+            load_wisdom(wisdom_path)
+            _WISDOM_LOADED.add(wisdom_path)
         src = pyfftw.empty_aligned((n, n), dtype=np.float32)
         dst = pyfftw.empty_aligned((n, n // 2 + 1), dtype=np.complex64)
+        t0 = time.perf_counter()
         with _PLAN_LOCK:
             plan = pyfftw.FFTW(src, dst, axes=(0, 1), flags=(effort,), threads=threads)
+        if wisdom_path is not None and time.perf_counter() - t0 > _SLOW_PLAN_SECONDS:
+            try:
+                save_wisdom(wisdom_path)
+            except OSError:
+                pass  # a read-only cache only costs planning time next start
         plans[key] = plan
     return plan
 
@@ -73,7 +86,7 @@ def save_wisdom(path: str | os.PathLike) -> None:
         wisdom = pyfftw.export_wisdom()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_bytes(b"\n--cxr-monitor-wisdom--\n".join(wisdom))
     tmp.replace(path)
 
@@ -196,6 +209,9 @@ class SpectralProfiler:
         FFTW threads per transform. Servers scale by running several transforms
         at once instead (see docs/spectral-profile.md for the measurement).
     planner_effort : {"FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT"}, default="FFTW_MEASURE"
+    wisdom_path : str, optional
+        FFTW wisdom file: read before the first plan of each process, rewritten
+        when a plan had to be measured. Not part of the profile specification.
 
     Examples
     --------
@@ -211,6 +227,7 @@ class SpectralProfiler:
         n_bands: int = DEFAULT_N_BANDS,
         fft_threads: int = 1,
         planner_effort: str = "FFTW_MEASURE",
+        wisdom_path: str | os.PathLike | None = None,
     ) -> None:
         if working_size < 64 or working_size % 16:
             raise InvalidInputError(f"working_size must be a multiple of 16 and >= 64, got {working_size}")
@@ -226,6 +243,7 @@ class SpectralProfiler:
         self.n_bands = n_bands
         self.fft_threads = fft_threads
         self.planner_effort = planner_effort
+        self.wisdom_path = None if wisdom_path is None else str(wisdom_path)
         self._bins = _bins(working_size, n_bands)
 
     @property
@@ -300,7 +318,7 @@ class SpectralProfiler:
                 f"expected a 2-D image of at least 16x16 pixels, got shape {pixels.shape}"
             )
         n = self.working_size
-        plan = _plan(n, self.fft_threads, self.planner_effort)
+        plan = _plan(n, self.fft_threads, self.planner_effort, self.wisdom_path)
         src = plan.input_array
         src[...] = self._working_image(pixels)
         mean = float(src.mean(dtype=np.float64))
