@@ -1,0 +1,216 @@
+"""Every Prometheus metric of the sidecar, created on a registry passed in (never at import).
+
+Names carry base units (``_seconds``, ``_bytes``, ``_ratio``), counters end in
+``_total``, and no label holds an image or request id: labels are the gRPC method,
+the status code name, the pipeline stage, the cluster index, the outcome and the
+drift window, all bounded.
+
+``method`` label values: ``Score``, ``ScoreStream``, ``ReportOutcome``,
+``GetModelInfo`` (one per RPC) and ``ScoreStream/item`` (one per image of a
+stream, so per-item errors are counted too; a stream of n images therefore adds
+n + 1 to ``cxr_monitor_requests_total``).
+
+The drift window gauges (``cxr_monitor_drift_*{window="count"|"time"}``) are
+computed when the registry is collected (each scrape), from a snapshot function
+the server provides, so they are exact at the moment they are read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .types import DriftReport, ScoredImage
+
+__all__ = [
+    "DRIFT_GAUGES",
+    "PREFIX",
+    "RATIO_BUCKETS",
+    "MonitorMetrics",
+    "WindowSnapshot",
+]
+
+PREFIX = "cxr_monitor_"
+
+RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
+_STAGE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_SIZE_BUCKETS = tuple(float(1024 * 4**i) for i in range(10))  # 1 KiB .. 256 MiB
+_PIXEL_BUCKETS = tuple(float(s * s) for s in (64, 256, 512, 1024, 1536, 2048, 3072, 4096, 8192))
+
+#: Drift gauge name (without prefix) → (help, DriftReport-or-snapshot attribute).
+DRIFT_GAUGES: dict[str, tuple[str, str]] = {
+    "drift_psi": ("Population stability index of the window's cluster mix vs the reference.", "psi"),
+    "drift_js_distance": (
+        "Jensen-Shannon distance (base 2) of the cluster mix vs the reference.",
+        "js_distance",
+    ),
+    "drift_chi2_p_value": ("Chi-square goodness-of-fit p-value of the cluster counts.", "chi2_p"),
+    "drift_novelty_ratio": ("Share of novel images in the window.", "novelty_rate"),
+    "drift_estimated_failure_ratio": (
+        "Mean label-free predicted failure probability in the window.",
+        "estimated_failure_rate",
+    ),
+    "drift_realized_failure_ratio": (
+        "Failure share among the window's images whose outcome was reported (NaN if none).",
+        "realized_failure_rate",
+    ),
+    "drift_max_feature_shift": ("Largest |mean z| of a spectral feature in the window.", "max_feature_shift"),
+    "drift_window_images": ("Images in the window.", "n_images"),
+    "drift_detected": ("1 when the model's drift thresholds are crossed in the window, else 0.", "drift"),
+}
+
+
+@dataclass(frozen=True)
+class WindowSnapshot:
+    """A drift window at one instant: the core's report and the outcomes reported for its images."""
+
+    report: DriftReport
+    outcomes: int
+    failures: int
+
+    @property
+    def realized_failure_rate(self) -> float:
+        return self.failures / self.outcomes if self.outcomes else math.nan
+
+    def value(self, attribute: str) -> float:
+        if attribute == "realized_failure_rate":
+            return self.realized_failure_rate
+        return float(getattr(self.report, attribute))
+
+
+class _DriftCollector(Collector):
+    """Computes the window gauges from ``snapshot()`` at collection time."""
+
+    def __init__(self, snapshot: Callable[[], Mapping[str, WindowSnapshot]]) -> None:
+        self._snapshot = snapshot
+
+    def describe(self) -> Iterable[GaugeMetricFamily]:
+        # Named without samples so registration checks names without computing drift.
+        for name, (doc, _) in DRIFT_GAUGES.items():
+            yield GaugeMetricFamily(PREFIX + name, doc, labels=["window"])
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        windows = self._snapshot()
+        for name, (doc, attribute) in DRIFT_GAUGES.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=["window"])
+            for window, snap in windows.items():
+                family.add_metric([window], snap.value(attribute))
+            yield family
+
+
+class MonitorMetrics:
+    """The sidecar's metrics on ``registry``.
+
+    Parameters
+    ----------
+    registry : CollectorRegistry
+        Where every metric is registered; tests pass a fresh one.
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        r = {"registry": registry}
+        p = PREFIX
+        self.requests = Counter(p + "requests", "RPCs handled, by method and gRPC status code name.",
+                                ["method", "code"], **r)  # fmt: skip
+        self.request_duration = Histogram(
+            p + "request_duration_seconds", "End-to-end handling time of an RPC on the server.", ["method"],
+            buckets=_LATENCY_BUCKETS, **r,
+        )  # fmt: skip
+        self.stage_duration = Histogram(
+            p + "stage_duration_seconds", "Time per pipeline stage: decode, profile, score.", ["stage"],
+            buckets=_STAGE_BUCKETS, **r,
+        )  # fmt: skip
+        self.image_size = Histogram(p + "image_size_bytes", "Size of the image as received (encoded bytes "
+                                    "or raw array bytes).", buckets=_SIZE_BUCKETS, **r)  # fmt: skip
+        self.image_pixels = Histogram(p + "image_pixels", "Pixels (rows * columns) of decoded images.",
+                                      buckets=_PIXEL_BUCKETS, **r)  # fmt: skip
+        self.reliability = Histogram(p + "reliability_ratio", "Reliability (1 - failure probability) of "
+                                     "scored images.", buckets=RATIO_BUCKETS, **r)  # fmt: skip
+        self.failure_probability = Histogram(p + "failure_probability_ratio", "Failure probability of scored "
+                                             "images.", buckets=RATIO_BUCKETS, **r)  # fmt: skip
+        self.images_scored = Counter(p + "images_scored", "Images scored.", **r)
+        self.cluster_assignments = Counter(p + "cluster_assignments", "Scored images by most likely cluster.",
+                                           ["cluster"], **r)  # fmt: skip
+        self.blind_spot_images = Counter(
+            p + "blind_spot_images", "Scored images in a blind-spot cluster.", **r
+        )
+        self.novel_images = Counter(p + "novel_images", "Scored images flagged novel.", **r)
+        self.predicted_failures = Counter(
+            p + "predicted_failures",
+            "Sum of label-free cluster failure probabilities of scored images; "
+            "rate(predicted) / rate(scored) is the fleet's estimated failure rate.",
+            **r,
+        )
+        self.outcomes = Counter(p + "outcomes", "Outcomes reported through ReportOutcome, by the image's "
+                                "cluster and outcome (failure|success).", ["cluster", "outcome"], **r)  # fmt: skip
+        self.predicted_failures_with_outcome = Counter(
+            p + "predicted_failures_with_outcome",
+            "Sum of label-free predicted failure probabilities of images whose outcome was reported.",
+            **r,
+        )
+        self.reference_cluster = Gauge(p + "reference_cluster_ratio", "Share of each cluster in the model's "
+                                       "reference set (constant).", ["cluster"], **r)  # fmt: skip
+        self.info = Info("cxr_monitor", "The loaded model and server versions.", **r)
+        self.inflight = Gauge(p + "inflight_requests", "RPCs being handled now (streams count once).", **r)
+        self.model_loaded = Gauge(p + "model_loaded", "1 once the model is loaded and served, else 0.", **r)
+        self._drift: _DriftCollector | None = None
+
+    def set_model(
+        self, *, model_id: str, spec_version: str, version: str, reference_mix: Iterable[float]
+    ) -> None:
+        """Describe the loaded model and pre-initialise every per-cluster series to 0."""
+        self.info.info({"model_id": model_id, "spec_version": spec_version, "version": version})
+        for c, share in enumerate(reference_mix):
+            label = str(c)
+            self.reference_cluster.labels(cluster=label).set(float(share))
+            self.cluster_assignments.labels(cluster=label)
+            for outcome in ("failure", "success"):
+                self.outcomes.labels(cluster=label, outcome=outcome)
+        self.model_loaded.set(1)
+
+    def watch_windows(self, snapshot: Callable[[], Mapping[str, WindowSnapshot]]) -> None:
+        """Export the drift window gauges from ``snapshot()`` (called on every collection)."""
+        if self._drift is not None:
+            self.registry.unregister(self._drift)
+        self._drift = _DriftCollector(snapshot)
+        self.registry.register(self._drift)
+
+    def observe_request(self, method: str, code: str, seconds: float) -> None:
+        self.requests.labels(method=method, code=code).inc()
+        self.request_duration.labels(method=method).observe(seconds)
+
+    def observe_input(self, size_bytes: int) -> None:
+        self.image_size.observe(size_bytes)
+
+    def observe_scored(self, scored: ScoredImage) -> None:
+        """Count one scored image: stages, size, reliability, cluster, flags, predicted failures."""
+        for stage in ("decode", "profile", "score"):
+            self.stage_duration.labels(stage=stage).observe(scored.timings[stage])
+        r = scored.result
+        self.image_pixels.observe(scored.meta.rows * scored.meta.columns)
+        self.reliability.observe(r.reliability)
+        self.failure_probability.observe(r.failure_probability)
+        self.images_scored.inc()
+        self.cluster_assignments.labels(cluster=str(r.cluster)).inc()
+        if r.in_blind_spot:
+            self.blind_spot_images.inc()
+        if r.is_novel:
+            self.novel_images.inc()
+        self.predicted_failures.inc(_finite(r.cluster_failure_probability))
+
+    def observe_outcome(self, cluster: int, failure: bool, predicted_failure_probability: float) -> None:
+        self.outcomes.labels(cluster=str(cluster), outcome="failure" if failure else "success").inc()
+        self.predicted_failures_with_outcome.inc(_finite(predicted_failure_probability))
+
+
+def _finite(value: Any) -> float:
+    v = float(value)
+    return v if math.isfinite(v) and v >= 0 else 0.0

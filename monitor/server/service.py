@@ -1,0 +1,162 @@
+"""Build, start and stop the sidecar: gRPC server, health, reflection, /metrics.
+
+Health (``grpc.health.v1``) is NOT_SERVING for ``""`` and ``cxrmonitor.v1.ReliabilityMonitor``
+until a model is attached, SERVING after, and NOT_SERVING again from the start of
+shutdown. :meth:`MonitorServer.stop` stops accepting RPCs, lets in-flight ones finish
+within the grace period, then stops the metrics server and the scoring pool.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from wsgiref.simple_server import WSGIServer
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry, start_http_server
+
+from ..engine import Engine
+from ..errors import MonitorError
+from ..metrics import MonitorMetrics
+from ..settings import Settings
+from ._generated import monitor_pb2_grpc as pb_grpc
+from .handler import RequestHandler
+from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
+
+__all__ = ["MonitorServer", "build_server"]
+
+log = logging.getLogger("cxr_monitor.server")
+
+# RPC slots and handler threads beyond max_concurrent_rpcs, so health checks, model info and
+# outcomes are answered (and overloaded scoring RPCs rejected promptly) when scoring is saturated.
+_SPARE = 8
+
+
+class _BindError(MonitorError):
+    code = "failed_precondition"
+
+
+class MonitorServer:
+    """The sidecar; use :func:`build_server`.
+
+    Attributes
+    ----------
+    port : int
+        The bound gRPC port (the real one when settings.port is 0).
+    metrics_port : int or None
+        The bound /metrics port once started (None when disabled or not started).
+    registry : CollectorRegistry
+    handler : RequestHandler
+    """
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None) -> None:
+        self.settings = settings
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.metrics = MonitorMetrics(self.registry)
+        self.metrics.model_loaded.set(0)
+        self.handler = RequestHandler(settings, self.metrics)
+        self.health = health.HealthServicer()
+        limit = settings.max_concurrent_rpcs + _SPARE
+        self.grpc_server = grpc.server(
+            ThreadPoolExecutor(max_workers=limit, thread_name_prefix="grpc"),
+            maximum_concurrent_rpcs=limit,
+            options=[
+                ("grpc.max_receive_message_length", settings.max_message_bytes),
+                ("grpc.max_send_message_length", settings.max_message_bytes),
+                # Without this, a second server on the same port would silently share it.
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        pb_grpc.add_ReliabilityMonitorServicer_to_server(
+            ReliabilityMonitorServicer(self.handler), self.grpc_server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+        try:
+            self.port = self.grpc_server.add_insecure_port(settings.address)
+        except RuntimeError as exc:
+            raise _BindError(
+                f"cannot listen on {settings.address} for gRPC ({exc}); is the port in use?"
+            ) from exc
+        self._metrics_http: WSGIServer | None = None
+        self.metrics_port: int | None = None
+
+    def start(self) -> None:
+        """Start serving RPCs (NOT_SERVING until :meth:`attach`) and /metrics."""
+        self.grpc_server.start()
+        s = self.settings
+        if s.metrics_port >= 0:
+            try:
+                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.registry)
+            except OSError as exc:
+                self.grpc_server.stop(None)
+                raise _BindError(f"cannot listen on {s.host}:{s.metrics_port} for /metrics ({exc})") from exc
+            self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "listening",
+            extra={"address": s.address, "port": self.port, "metrics_port": self.metrics_port},
+        )
+
+    def attach(self, engine: Engine) -> None:
+        """Serve ``engine``'s model: metrics describe it, health turns SERVING."""
+        self.handler.attach(engine)
+        m = engine.model
+        d = self.handler.description
+        assert d is not None
+        self.metrics.set_model(model_id=d.model_id, spec_version=d.spec_version, version=d.server_version,
+                               reference_mix=m.reference_mix)  # fmt: skip
+        windows = self.handler.windows
+        assert windows is not None
+        self.metrics.watch_windows(windows.snapshot)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("model loaded, serving", extra={"model_id": d.model_id, "clusters": m.n_clusters})
+
+    def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds (default: settings), stop."""
+        grace = self.settings.grace_seconds if grace is None else grace
+        log.info("shutting down", extra={"grace_seconds": grace})
+        self.health.enter_graceful_shutdown()
+        self.grpc_server.stop(grace).wait()
+        self.metrics.model_loaded.set(0)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        self.handler.close()
+        log.info("stopped")
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the gRPC server has stopped; True if it did within ``timeout``."""
+        return self.grpc_server.wait_for_termination(timeout)
+
+
+def build_server(
+    settings: Settings, engine: Engine | None = None, *, registry: CollectorRegistry | None = None
+) -> tuple[MonitorServer, int]:
+    """A sidecar bound to ``settings.host:settings.port`` (not started).
+
+    Parameters
+    ----------
+    settings : Settings
+    engine : Engine, optional
+        Attached at once; without it the server answers NOT_SERVING / FAILED_PRECONDITION
+        until :meth:`MonitorServer.attach` (so it can start listening while the model loads).
+    registry : CollectorRegistry, optional
+        Where the metrics go (default: a new one, exported on settings.metrics_port).
+
+    Returns
+    -------
+    (MonitorServer, int)
+        The server and its bound gRPC port. Call ``start()``, later ``stop()``.
+    """
+    server = MonitorServer(settings, registry)
+    if engine is not None:
+        server.attach(engine)
+    return server, server.port

@@ -1,0 +1,191 @@
+"""Server-side state that outlives a request: drift windows and the request-id → prediction log.
+
+Both are shared by the worker threads and guarded by locks; neither imports grpc.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..drift import SlidingWindow
+from ..engine import Engine
+from ..metrics import WindowSnapshot
+from ..types import ScoredImage
+
+__all__ = ["DriftWindows", "OutcomeLog", "Prediction", "TIME_WINDOW_MAX_IMAGES"]
+
+TIME_WINDOW_MAX_IMAGES = 100_000
+"""Memory bound of the time window: beyond this many images within window_seconds, the oldest go."""
+
+
+@dataclass
+class Prediction:
+    """What Score said about a request, kept until its outcome arrives (or it is evicted)."""
+
+    cluster: int
+    failure_probability: float
+    cluster_failure_probability: float
+    classifier_score: float | None
+    failure: bool | None = None  # the reported outcome, once known
+
+
+class OutcomeLog:
+    """Bounded LRU map request id → :class:`Prediction`, with per-cluster realized tallies.
+
+    Parameters
+    ----------
+    capacity : int
+        Request ids remembered; the least recently used is forgotten first.
+    n_clusters : int
+    """
+
+    def __init__(self, capacity: int, n_clusters: int) -> None:
+        self.capacity = capacity
+        self._items: OrderedDict[str, Prediction] = OrderedDict()
+        self._lock = threading.Lock()
+        self.outcomes = [0] * n_clusters
+        self.failures = [0] * n_clusters
+        self.predicted = [0.0] * n_clusters
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def remember(self, request_id: str, prediction: Prediction) -> None:
+        with self._lock:
+            self._items[request_id] = prediction
+            self._items.move_to_end(request_id)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+    def get(self, request_id: str) -> Prediction | None:
+        with self._lock:
+            return self._items.get(request_id)
+
+    def record(self, request_id: str, failure: bool) -> tuple[Prediction, int, int] | None:
+        """Attach an outcome; returns the prediction and the cluster's (outcomes, failures) so far.
+
+        ``None`` if the id is unknown. Raises ``KeyError`` if an outcome was already recorded.
+        """
+        with self._lock:
+            p = self._items.get(request_id)
+            if p is None:
+                return None
+            if p.failure is not None:
+                raise KeyError(request_id)
+            p.failure = failure
+            c = p.cluster
+            self.outcomes[c] += 1
+            self.failures[c] += int(failure)
+            self.predicted[c] += p.cluster_failure_probability
+            return p, self.outcomes[c], self.failures[c]
+
+    def tallies(self) -> list[tuple[int, int, float]]:
+        """Per cluster: outcomes reported, failures among them, sum of predicted probabilities."""
+        with self._lock:
+            return list(zip(self.outcomes, self.failures, self.predicted, strict=True))
+
+
+@dataclass
+class _Slot:
+    time: float
+    request_id: str
+    failure: bool | None = None
+
+
+class _TrackedWindow:
+    """A :class:`SlidingWindow` plus which of its images have a reported outcome.
+
+    The mirror deque applies the same two bounds with the same ``now`` as the core
+    window, so both always hold the same images.
+    """
+
+    def __init__(self, window: SlidingWindow) -> None:
+        self.window = window
+        self.slots: deque[_Slot] = deque()
+        self.by_id: dict[str, _Slot] = {}
+        self.outcomes = 0
+        self.failures = 0
+
+    def add(self, now: float, request_id: str, scored: ScoredImage) -> None:
+        r = scored.result
+        self.window.add(now, r.cluster, r.is_novel, r.cluster_failure_probability, scored.z_profile)
+        slot = _Slot(now, request_id)
+        self.slots.append(slot)
+        self.by_id[request_id] = slot
+        self.evict(now)
+
+    def evict(self, now: float) -> None:
+        w = self.window
+        while self.slots and (
+            (w.max_images is not None and len(self.slots) > w.max_images)
+            or (w.max_age_seconds is not None and now - self.slots[0].time > w.max_age_seconds)
+        ):
+            slot = self.slots.popleft()
+            if self.by_id.get(slot.request_id) is slot:
+                del self.by_id[slot.request_id]
+            if slot.failure is not None:
+                self.outcomes -= 1
+                self.failures -= int(slot.failure)
+
+    def record(self, request_id: str, failure: bool) -> None:
+        slot = self.by_id.get(request_id)
+        if slot is not None and slot.failure is None:
+            slot.failure = failure
+            self.outcomes += 1
+            self.failures += int(failure)
+
+
+class DriftWindows:
+    """The count window (last ``window_images``) and the time window (last ``window_seconds``).
+
+    Parameters
+    ----------
+    engine : Engine
+    window_images : int
+    window_seconds : float
+    clock : callable, optional
+        Monotonic seconds (tests inject a fake clock).
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        window_images: int,
+        window_seconds: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._engine = engine
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._windows = {
+            "count": _TrackedWindow(engine.new_window(max_images=window_images)),
+            "time": _TrackedWindow(
+                engine.new_window(max_images=TIME_WINDOW_MAX_IMAGES, max_age_seconds=window_seconds)
+            ),
+        }
+
+    def add(self, request_id: str, scored: ScoredImage) -> None:
+        with self._lock:
+            now = self._clock()
+            for w in self._windows.values():
+                w.add(now, request_id, scored)
+
+    def record_outcome(self, request_id: str, failure: bool) -> None:
+        with self._lock:
+            for w in self._windows.values():
+                w.record(request_id, failure)
+
+    def snapshot(self) -> dict[str, WindowSnapshot]:
+        """Drift report of each window now (the metrics collector calls this on every scrape)."""
+        with self._lock:
+            now = self._clock()
+            out = {}
+            for name, w in self._windows.items():
+                w.evict(now)
+                report = self._engine.window_drift(w.window, now)
+                out[name] = WindowSnapshot(report=report, outcomes=w.outcomes, failures=w.failures)
+            return out

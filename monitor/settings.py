@@ -1,0 +1,232 @@
+"""Configuration of the gRPC sidecar, in one place.
+
+Each :class:`Settings` field is read from, in order of precedence: a command-line
+flag (``--metrics-port``), an environment variable (``CXR_MONITOR_METRICS_PORT``),
+the default (``DEFAULT_METRICS_PORT``). This is the only module that reads
+``os.environ``; everything else receives a :class:`Settings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import InvalidInputError
+
+__all__ = [
+    "DEFAULT_FFT_THREADS",
+    "DEFAULT_GRACE_SECONDS",
+    "DEFAULT_HOST",
+    "DEFAULT_LOG_FORMAT",
+    "DEFAULT_LOG_LEVEL",
+    "DEFAULT_MAX_CONCURRENT_RPCS",
+    "DEFAULT_MAX_MESSAGE_BYTES",
+    "DEFAULT_MAX_PIXELS",
+    "DEFAULT_METRICS_PORT",
+    "DEFAULT_OUTCOME_CACHE_SIZE",
+    "DEFAULT_PORT",
+    "DEFAULT_WINDOW_IMAGES",
+    "DEFAULT_WINDOW_SECONDS",
+    "DEFAULT_WORKERS",
+    "ENV_PREFIX",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "Settings",
+    "env_name",
+]
+
+ENV_PREFIX = "CXR_MONITOR_"
+
+DEFAULT_HOST = "0.0.0.0"
+DEFAULT_PORT = 50051
+DEFAULT_METRICS_PORT = 9108
+DEFAULT_WORKERS = 4
+DEFAULT_FFT_THREADS = 1
+DEFAULT_WINDOW_IMAGES = 200
+DEFAULT_WINDOW_SECONDS = 300.0
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_CONCURRENT_RPCS = 64
+DEFAULT_GRACE_SECONDS = 8.0
+DEFAULT_OUTCOME_CACHE_SIZE = 100_000
+# = monitor.imaging.DEFAULT_MAX_PIXELS (a test checks), not imported: imaging loads pydicom and Pillow.
+DEFAULT_MAX_PIXELS = 50_000_000
+DEFAULT_LOG_FORMAT = "json"
+DEFAULT_LOG_LEVEL = "INFO"
+LOG_FORMATS = ("json", "text")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _default_model() -> Path:
+    # The bundled model beside the package (monitor.cli.default_model_dir without its env lookup:
+    # CXR_MONITOR_MODEL is read here like every other setting).
+    return Path(__file__).resolve().parents[1] / "models" / "default"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``cxr-monitor serve`` can be told; see the module docstring for precedence.
+
+    Each field documents itself in ``metadata["help"]`` (also the ``--flag`` help text).
+    """
+
+    model: Path = field(
+        default_factory=_default_model,
+        metadata={"help": "Model directory written by ``cxr-monitor fit``."},
+    )
+
+    host: str = field(
+        default=DEFAULT_HOST,
+        metadata={"help": "Address the gRPC and metrics servers bind to (0.0.0.0: every IPv4 interface)."},
+    )
+
+    port: int = field(default=DEFAULT_PORT, metadata={"help": "gRPC port; 0 picks a free port (tests)."})
+
+    metrics_port: int = field(
+        default=DEFAULT_METRICS_PORT,
+        metadata={
+            "help": "Port of the Prometheus /metrics HTTP server; 0 picks a free port, -1 disables it."
+        },
+    )
+
+    workers: int = field(
+        default=DEFAULT_WORKERS,
+        metadata={"help": "Images scored at the same time (threads: decoding and FFTs release the GIL)."},
+    )
+
+    fft_threads: int = field(
+        default=DEFAULT_FFT_THREADS,
+        metadata={
+            "help": "FFTW threads per transform (the server scales by running transforms side by side)."
+        },
+    )
+
+    window_images: int = field(
+        default=DEFAULT_WINDOW_IMAGES,
+        metadata={"help": "Size of the count drift window: the last N images scored."},
+    )
+
+    window_seconds: float = field(
+        default=DEFAULT_WINDOW_SECONDS, metadata={"help": "Span of the time drift window, in seconds."}
+    )
+
+    max_message_bytes: int = field(
+        default=DEFAULT_MAX_MESSAGE_BYTES,
+        metadata={"help": "Largest gRPC message accepted or sent (RESOURCE_EXHAUSTED above)."},
+    )
+
+    max_pixels: int = field(
+        default=DEFAULT_MAX_PIXELS,
+        metadata={"help": "Largest image (rows * columns, read from the header before decoding) accepted."},
+    )
+
+    max_concurrent_rpcs: int = field(
+        default=DEFAULT_MAX_CONCURRENT_RPCS,
+        metadata={
+            "help": "Scoring RPCs in flight (running or queued) before new ones get RESOURCE_EXHAUSTED."
+        },
+    )
+
+    grace_seconds: float = field(
+        default=DEFAULT_GRACE_SECONDS,
+        metadata={"help": "On SIGTERM/SIGINT, how long in-flight requests may take to finish."},
+    )
+
+    outcome_cache_size: int = field(
+        default=DEFAULT_OUTCOME_CACHE_SIZE,
+        metadata={"help": "Request ids remembered for ReportOutcome (least recently used forgotten first)."},
+    )
+
+    log_format: str = field(
+        default=DEFAULT_LOG_FORMAT,
+        metadata={
+            "help": "``json`` (one object per line: ts, level, logger, msg and extra fields) or ``text``."
+        },
+    )
+
+    log_level: str = field(default=DEFAULT_LOG_LEVEL, metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model", Path(self.model))
+        object.__setattr__(self, "log_format", self.log_format.lower())
+        object.__setattr__(self, "log_level", self.log_level.upper())
+        for name in ("workers", "fft_threads", "window_images", "max_message_bytes", "max_pixels",
+                     "max_concurrent_rpcs", "outcome_cache_size"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise InvalidInputError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("window_seconds", "grace_seconds"):
+            if not getattr(self, name) > 0:
+                raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise InvalidInputError(f"setting port must be in 0..65535, got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise InvalidInputError(
+                f"setting metrics_port must be -1 (off) or in 0..65535, got {self.metrics_port}"
+            )
+        if self.log_format not in LOG_FORMATS:
+            raise InvalidInputError(
+                f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"
+            )
+        if self.log_level not in LOG_LEVELS:
+            raise InvalidInputError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    @property
+    def address(self) -> str:
+        """``host:port`` for the gRPC server (IPv6 hosts bracketed)."""
+        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
+        return f"{host}:{self.port}"
+
+    @classmethod
+    def load(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> Settings:
+        """Settings from ``overrides`` (e.g. parsed flags) over ``environ`` over the defaults.
+
+        Parameters
+        ----------
+        overrides : mapping, optional
+            Field name to value; ``None`` values and unknown names are ignored, so an
+            ``argparse.Namespace`` whose flags default to ``None`` can be passed as ``vars(args)``.
+        environ : mapping, optional
+            Environment variables (default: ``os.environ``); ``CXR_MONITOR_<FIELD>``.
+
+        Raises
+        ------
+        InvalidInputError
+            An environment variable cannot be parsed or a value is out of range; the
+            message names the variable or setting.
+        """
+        env = os.environ if environ is None else environ
+        overrides = overrides or {}
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if overrides.get(f.name) is not None:
+                values[f.name] = overrides[f.name]
+                continue
+            raw = env.get(env_name(f.name))
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _parse(f, raw.strip())
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["model"] = str(self.model)
+        return d
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a setting: ``metrics_port`` → ``CXR_MONITOR_METRICS_PORT``."""
+    return ENV_PREFIX + field_name.upper()
+
+
+def _parse(f: dataclasses.Field, raw: str) -> Any:
+    kind = {"Path": Path, "int": int, "float": float, "str": str}[str(f.type)]
+    try:
+        return kind(raw)
+    except ValueError:
+        raise InvalidInputError(
+            f"environment variable {env_name(f.name)}={raw!r} is not a valid {kind.__name__}"
+        ) from None
