@@ -1,0 +1,574 @@
+"""Tests for monitor.server: a real sidecar on 127.0.0.1 (port 0) with the bundled model."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+from prometheus_client import CollectorRegistry
+
+from monitor.cli import default_model_dir
+from monitor.client import ReliabilityClient, array_request, bytes_request
+from monitor.engine import Engine
+from monitor.server import build_server
+from monitor.server._generated import monitor_pb2 as pb
+from monitor.server.handler import RpcAbortError
+from monitor.server.servicer import SERVICE_NAME
+from monitor.settings import Settings
+
+REPO = Path(__file__).resolve().parents[1]
+DICOMS = ("cxr_pa_monochrome2_jpeg.dcm", "cxr_pa_monochrome1_jpeg.dcm", "cxr_pa_cr_philips_j2k.dcm")
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+MAX_PIXELS = 4_000_000  # above the J2K DICOM (1955 x 1841 = 3.6 M), below a 2100 x 2000 array
+GARBAGE = b"this is not an image, just text " * 8
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def engine() -> Engine:
+    return Engine.from_directory(default_model_dir(), max_pixels=MAX_PIXELS)
+
+
+def _settings(**kw: object) -> Settings:
+    base = dict(host="127.0.0.1", port=0, metrics_port=0, workers=2, max_message_bytes=MAX_MESSAGE_BYTES,
+                max_pixels=MAX_PIXELS, window_images=50, log_format="text")  # fmt: skip
+    return Settings(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def sidecar(engine: Engine) -> Iterator[tuple]:
+    registry = CollectorRegistry()
+    server, port = build_server(_settings(), engine, registry=registry)
+    server.start()
+    yield server, f"127.0.0.1:{port}", registry
+    server.stop(1)
+
+
+@pytest.fixture(scope="module")
+def client(sidecar: tuple) -> Iterator[ReliabilityClient]:
+    with ReliabilityClient(sidecar[1], timeout=60) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def png_bytes(data_dir: Path) -> bytes:
+    """One NIH radiograph re-encoded as PNG in memory."""
+    image = Image.open(data_dir / "nih" / "images" / "00000075_000.webp")
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    v = registry.get_sample_value(name, labels)
+    return 0.0 if v is None else v
+
+
+def _rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call(*args, **kwargs)
+    return info.value
+
+
+# --------------------------------------------------------------------------- health, reflection
+
+
+def test_health_serving_for_server_and_service(sidecar: tuple) -> None:
+    with grpc.insecure_channel(sidecar[1]) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        err = _rpc_error(stub.Check, health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=10)
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_reflection_lists_the_service(sidecar: tuple) -> None:
+    with grpc.insecure_channel(sidecar[1]) as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        responses = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+    names = {s.name for s in responses[0].list_services_response.service}
+    assert {"cxrmonitor.v1.ReliabilityMonitor", "grpc.health.v1.Health"} <= names
+    assert SERVICE_NAME == "cxrmonitor.v1.ReliabilityMonitor"
+
+
+# --------------------------------------------------------------------------- Score, each input form
+
+
+@pytest.mark.parametrize("name", DICOMS)
+def test_score_dicom_matches_the_engine(
+    client: ReliabilityClient, engine: Engine, data_dir: Path, name: str
+) -> None:
+    path = data_dir / "dicom" / name
+    r = client.score_file(path, request_id=f"dicom-{name}")
+    local = engine.score_path(path)
+    assert r.request_id == f"dicom-{name}"
+    assert not r.HasField("error")
+    assert r.cluster == local.result.cluster
+    assert r.failure_probability == pytest.approx(local.result.failure_probability, abs=1e-9)
+    assert sum(r.memberships) == pytest.approx(1.0)
+    assert r.reliability == pytest.approx(1 - r.failure_probability)
+    assert r.failure_interval.lower <= r.cluster_failure_probability <= r.failure_interval.upper
+    assert r.image.format == "dicom" and r.image.modality == "CR"
+    assert (r.image.rows, r.image.columns) == (local.meta.rows, local.meta.columns)
+    assert r.model_id == engine.model.model_id and r.spec_version == "1.0"
+    assert len(r.top_features) == 3 and r.top_features[0].name in engine.model.feature_names
+    t = r.timings
+    assert min(t.decode_seconds, t.profile_seconds, t.score_seconds) > 0
+    assert t.total_seconds >= t.decode_seconds + t.profile_seconds + t.score_seconds
+    assert r.method == "cluster"
+
+
+def test_score_png_sniffed_and_declared(client: ReliabilityClient, engine: Engine, png_bytes: bytes) -> None:
+    sniffed = client.score_bytes(png_bytes)
+    declared = client.score_bytes(png_bytes, format="png", name="chest.png")
+    local = engine.score_bytes(png_bytes)
+    for r in (sniffed, declared):
+        assert r.image.format == "png" and (r.image.rows, r.image.columns) == (1024, 1024)
+        assert r.cluster == local.result.cluster
+        assert r.novelty == pytest.approx(local.result.novelty)
+    assert len(sniffed.request_id) == 32  # made up by the server when none is sent
+    assert declared.image.source.endswith("(chest.png)")
+
+
+def test_declared_kind_that_does_not_match_is_invalid(client: ReliabilityClient, png_bytes: bytes) -> None:
+    err = _rpc_error(client.score_bytes, png_bytes, format="dicom", request_id="wrong-kind")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith("request wrong-kind")
+
+
+def test_score_raw_uint16_array(client: ReliabilityClient, engine: Engine, data_dir: Path) -> None:
+    pixels = engine.load_path(data_dir / "dicom" / "cxr_pa_monochrome2_jpeg.dcm").pixels
+    arr = np.round((pixels - pixels.min()) / np.ptp(pixels) * 4095).astype(np.uint16)
+    r = client.score_array(arr, request_id="raw-1", classifier_score=0.4)
+    local = engine.score_array(arr, classifier_score=0.4)
+    assert r.image.format == "array" and (r.image.rows, r.image.columns) == arr.shape
+    assert r.cluster == local.result.cluster
+    assert r.failure_probability == pytest.approx(local.result.failure_probability, abs=1e-9)
+    assert r.method == local.result.method == "calibrated_score"
+
+
+def test_big_endian_and_float_arrays_are_converted_by_the_client(client: ReliabilityClient) -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(256, 256)).cumsum(axis=0).cumsum(axis=1)
+    r1 = client.score_array(base.astype(">f8"))
+    r2 = client.score_array(base.astype("<f8"))
+    assert r1.cluster == r2.cluster and r1.novelty == pytest.approx(r2.novelty)
+
+
+# --------------------------------------------------------------------------- bad requests
+
+
+def test_invalid_image_is_invalid_argument_and_the_server_goes_on(
+    client: ReliabilityClient, sidecar: tuple, data_dir: Path
+) -> None:
+    registry = sidecar[2]
+    before = _value(registry, "cxr_monitor_requests_total", method="Score", code="INVALID_ARGUMENT")
+    err = _rpc_error(client.score_bytes, GARBAGE, request_id="junk-1")
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details() == (
+        "request junk-1: not a readable image (no DICOM, PNG, JPEG, WebP or TIFF signature in the first bytes)"
+    )
+    ok = client.score_file(data_dir / "dicom" / DICOMS[0])
+    assert ok.image.format == "dicom"
+    after = _value(registry, "cxr_monitor_requests_total", method="Score", code="INVALID_ARGUMENT")
+    assert after == before + 1
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.ScoreRequest(request_id="empty"), "request empty: no image (set either `encoded` or `array`)"),
+        (
+            pb.ScoreRequest(
+                request_id="short",
+                array=pb.PixelArray(shape=[100, 100], dtype=pb.DTYPE_UINT16, data=b"\0" * 100),
+            ),  # fmt: skip
+            "request short: array.data holds 100 bytes but shape [100, 100] of DTYPE_UINT16 needs 20000",
+        ),
+        (
+            pb.ScoreRequest(request_id="nodtype", array=pb.PixelArray(shape=[100, 100], data=b"\0" * 100)),
+            "request nodtype: array.dtype DTYPE_UNSPECIFIED is not supported",
+        ),
+        (
+            pb.ScoreRequest(
+                request_id="flat", array=pb.PixelArray(shape=[100], dtype=pb.DTYPE_UINT8, data=b"0" * 100)
+            ),
+            "request flat: array.shape [100] must be (rows, columns) or (rows, columns, channels)",
+        ),
+        (
+            pb.ScoreRequest(request_id="score", classifier_score=1.5, encoded=pb.EncodedImage(data=GARBAGE)),
+            "request score: classifier_score must be a probability in [0, 1]",
+        ),
+        (
+            pb.ScoreRequest(request_id="empty-bytes", encoded=pb.EncodedImage(data=b"")),
+            "request empty-bytes: empty input (0 bytes)",
+        ),
+    ],
+)
+def test_malformed_requests_name_the_problem(
+    client: ReliabilityClient, request_: pb.ScoreRequest, message: str
+) -> None:
+    err = _rpc_error(client.score, request_)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.details().startswith(message)
+
+
+def test_too_many_pixels_is_resource_exhausted(client: ReliabilityClient) -> None:
+    err = _rpc_error(client.score_array, np.zeros((2100, 2000), dtype=np.uint8), request_id="huge")
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "4200000" in err.details().replace(",", "").replace("_", "") and "request huge" in err.details()
+
+
+def test_message_above_max_message_bytes_is_resource_exhausted(
+    client: ReliabilityClient, data_dir: Path
+) -> None:
+    err = _rpc_error(client.score_bytes, b"\0" * (MAX_MESSAGE_BYTES + 1024))
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.score_file(data_dir / "dicom" / DICOMS[0]).image.format == "dicom"
+
+
+def test_deadline_exceeded(client: ReliabilityClient, data_dir: Path) -> None:
+    err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[2], timeout=0.001)
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert client.score_file(data_dir / "dicom" / DICOMS[0]).image.format == "dicom"
+
+
+def test_handler_checks_the_deadline_before_decoding(sidecar: tuple, png_bytes: bytes) -> None:
+    server = sidecar[0]
+    with pytest.raises(RpcAbortError, match="request late: deadline exceeded before decoding") as info:
+        server.handler.score(bytes_request(png_bytes, request_id="late"), lambda: 0.0, time.perf_counter())
+    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_unexpected_exception_is_internal_and_logged(
+    client: ReliabilityClient, engine: Engine, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("simulated bug")
+
+    monkeypatch.setattr(engine, "score_loaded", broken)
+    err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[0])
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert err.details().startswith("internal error in Score (server log reference ")
+    ref = err.details().rsplit(" ", 1)[1].rstrip(")")
+    logged = [r for r in caplog.records if getattr(r, "error_ref", None) == ref]
+    assert logged and logged[0].exc_info[1].args == ("simulated bug",)
+    monkeypatch.undo()
+    assert client.score_file(data_dir / "dicom" / DICOMS[0]).image.format == "dicom"
+
+
+# --------------------------------------------------------------------------- ScoreStream
+
+
+def test_stream_keeps_order_and_survives_a_bad_item(
+    client: ReliabilityClient, sidecar: tuple, data_dir: Path, png_bytes: bytes
+) -> None:
+    registry = sidecar[2]
+    item_errors = _value(
+        registry, "cxr_monitor_requests_total", method="ScoreStream/item", code="INVALID_ARGUMENT"
+    )
+    requests = [
+        bytes_request((data_dir / "dicom" / DICOMS[0]).read_bytes(), request_id="s0"),
+        bytes_request(GARBAGE, request_id="s1"),
+        bytes_request((data_dir / "dicom" / DICOMS[2]).read_bytes(), request_id="s2"),
+        array_request(np.full((128, 128), 7, dtype=np.uint8), request_id="s3"),  # constant: no spectrum
+        bytes_request(png_bytes, request_id="s4"),
+        bytes_request((data_dir / "dicom" / DICOMS[1]).read_bytes(), request_id="s5"),
+    ]
+    responses = list(client.score_stream(requests))
+    assert [r.request_id for r in responses] == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    bad = {r.request_id: r.error for r in responses if r.HasField("error")}
+    assert set(bad) == {"s1", "s3"}
+    assert (
+        bad["s1"].code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        and bad["s1"].code_name == "INVALID_ARGUMENT"
+    )
+    assert bad["s1"].message.startswith("request s1: not a readable image")
+    assert bad["s3"].message == "request s3: image is constant (all pixels = 7)"
+    assert [r.image.format for r in responses if not r.HasField("error")] == [
+        "dicom",
+        "dicom",
+        "png",
+        "dicom",
+    ]
+    after = _value(registry, "cxr_monitor_requests_total", method="ScoreStream/item", code="INVALID_ARGUMENT")
+    assert after == item_errors + 2
+
+
+def test_stream_ping_pong(client: ReliabilityClient, data_dir: Path) -> None:
+    """A client that waits for each answer before sending the next must not deadlock."""
+    outbox: queue.Queue = queue.Queue()
+
+    def requests() -> Iterator[pb.ScoreRequest]:
+        while (item := outbox.get()) is not None:
+            yield item
+
+    data = (data_dir / "dicom" / DICOMS[0]).read_bytes()
+    outbox.put(bytes_request(data, request_id="p0"))
+    seen = []
+    for r in client.score_stream(requests(), timeout=60):
+        seen.append(r.request_id)
+        outbox.put(bytes_request(data, request_id=f"p{len(seen)}") if len(seen) < 3 else None)
+    assert seen == ["p0", "p1", "p2"]
+
+
+# --------------------------------------------------------------------------- outcomes, model info, metrics
+
+
+def test_report_outcome_known_unknown_and_twice(
+    client: ReliabilityClient, sidecar: tuple, data_dir: Path
+) -> None:
+    registry = sidecar[2]
+    r = client.score_file(data_dir / "dicom" / DICOMS[1], request_id="outcome-1", classifier_score=0.9)
+    c = str(r.cluster)
+    before = _value(registry, "cxr_monitor_outcomes_total", cluster=c, outcome="failure")
+    pred_before = _value(registry, "cxr_monitor_predicted_failures_with_outcome_total")
+    o = client.report_outcome("outcome-1", failure=True)
+    assert (o.cluster, o.failure) == (r.cluster, True)
+    assert o.cluster_failure_probability == pytest.approx(r.cluster_failure_probability)
+    assert o.cluster_failures >= 1 and o.cluster_outcomes >= o.cluster_failures
+    assert _value(registry, "cxr_monitor_outcomes_total", cluster=c, outcome="failure") == before + 1
+    assert _value(registry, "cxr_monitor_predicted_failures_with_outcome_total") == pytest.approx(
+        pred_before + r.cluster_failure_probability
+    )
+    for window in ("count", "time"):
+        realized = _value(registry, "cxr_monitor_drift_realized_failure_ratio", window=window)
+        assert 0 < realized <= 1
+
+    err = _rpc_error(client.report_outcome, "outcome-1", failure=False)
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS
+    err = _rpc_error(client.report_outcome, "never-scored", failure=True)
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert "request id 'never-scored' is unknown" in err.details()
+
+
+def test_report_outcome_from_label_and_score(
+    client: ReliabilityClient, engine: Engine, data_dir: Path
+) -> None:
+    threshold = engine.model.card["fit_data"]["threshold"]
+    client.score_file(data_dir / "dicom" / DICOMS[0], request_id="lab-1", classifier_score=threshold + 0.1)
+    # Positive decision, true label 0: the classifier was wrong; the score comes from the Score request.
+    assert client.report_outcome("lab-1", label=0).failure is True
+    client.score_file(data_dir / "dicom" / DICOMS[0], request_id="lab-2")
+    assert client.report_outcome("lab-2", label=0, score=threshold / 2).failure is False
+    client.score_file(data_dir / "dicom" / DICOMS[0], request_id="lab-3")
+    err = _rpc_error(client.report_outcome, "lab-3", label=1)
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "labelled.score is missing" in err.details()
+
+
+def test_model_info_matches_the_model(client: ReliabilityClient, engine: Engine) -> None:
+    info = client.model_info()
+    m = engine.model
+    rates = m.rates.to_json()
+    assert info.model_id == m.model_id and info.spec_version == "1.0"
+    assert len(info.clusters) == m.n_clusters
+    for c, row, share in zip(info.clusters, rates["clusters"], m.reference_mix, strict=True):
+        assert (c.cluster, c.n_images, c.n_failures, c.blind_spot) == (
+            row["cluster"], row["n_images"], row["n_failures"], row["blind_spot"],
+        )  # fmt: skip
+        assert c.rate == pytest.approx(row["rate"]) and c.interval.upper == pytest.approx(row["upper"])
+        assert c.reference_share == pytest.approx(share)
+    assert info.threshold == pytest.approx(m.card["fit_data"]["threshold"])
+    assert info.calibrated == (m.calibrator is not None)
+    assert list(info.feature_names) == list(m.feature_names)
+    assert info.drift_thresholds.min_images == m.drift_thresholds.min_images
+    assert info.reference.novelty_rate == pytest.approx(m.reference_novelty_rate)
+    assert json.loads(info.card_json)["model_id"] == m.model_id
+    assert info.window_images == 50
+
+
+REQUIRED_METRICS = (
+    "cxr_monitor_requests_total", "cxr_monitor_request_duration_seconds_bucket",
+    "cxr_monitor_stage_duration_seconds_bucket", "cxr_monitor_image_size_bytes_bucket",
+    "cxr_monitor_image_pixels_bucket", "cxr_monitor_reliability_ratio_bucket",
+    "cxr_monitor_failure_probability_ratio_bucket", "cxr_monitor_images_scored_total",
+    "cxr_monitor_cluster_assignments_total", "cxr_monitor_blind_spot_images_total",
+    "cxr_monitor_novel_images_total", "cxr_monitor_predicted_failures_total", "cxr_monitor_outcomes_total",
+    "cxr_monitor_predicted_failures_with_outcome_total", "cxr_monitor_reference_cluster_ratio",
+    "cxr_monitor_info", "cxr_monitor_inflight_requests", "cxr_monitor_model_loaded", "cxr_monitor_drift_psi",
+    "cxr_monitor_drift_js_distance", "cxr_monitor_drift_chi2_p_value", "cxr_monitor_drift_novelty_ratio",
+    "cxr_monitor_drift_estimated_failure_ratio", "cxr_monitor_drift_realized_failure_ratio",
+    "cxr_monitor_drift_max_feature_shift", "cxr_monitor_drift_window_images", "cxr_monitor_drift_detected",
+)  # fmt: skip
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        return resp.read().decode()
+
+
+def _sample(text: str, name: str, labels: str = "") -> float:
+    prefix = f"{name}{{{labels}}} " if labels else f"{name} "
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    assert len(lines) == 1, (prefix, lines)
+    return float(lines[0].split()[-1])
+
+
+def test_metrics_over_http(sidecar: tuple, client: ReliabilityClient, engine: Engine, data_dir: Path) -> None:
+    server = sidecar[0]
+    before = _scrape(server.metrics_port)
+    r = client.score_file(data_dir / "dicom" / DICOMS[0], request_id="metrics-secret-id-42")
+    text = _scrape(server.metrics_port)
+    for name in REQUIRED_METRICS:
+        assert any(line.startswith(name) for line in text.splitlines()), name
+    assert (
+        _sample(text, "cxr_monitor_images_scored_total")
+        == _sample(before, "cxr_monitor_images_scored_total") + 1
+    )
+    assert _sample(text, "cxr_monitor_requests_total", 'code="OK",method="Score"') >= 1
+    assert _sample(text, "cxr_monitor_model_loaded") == 1
+    assert f'model_id="{engine.model.model_id}"' in text and 'spec_version="1.0"' in text
+    for c in range(engine.model.n_clusters):
+        assert f'cxr_monitor_cluster_assignments_total{{cluster="{c}"}}' in text
+        assert f'cxr_monitor_reference_cluster_ratio{{cluster="{c}"}}' in text
+    assert _sample(text, "cxr_monitor_drift_window_images", 'window="count"') >= 1
+    assert _sample(text, "cxr_monitor_stage_duration_seconds_count", 'stage="profile"') >= 1
+    assert "metrics-secret-id-42" not in text and r.request_id not in text and "request_id" not in text
+    labels = {part.split("=")[0] for line in text.splitlines() if "{" in line and not line.startswith("#")
+              for part in line[line.index("{") + 1 : line.index("}")].split(",") if part}  # fmt: skip
+    assert labels <= {"method", "code", "stage", "le", "cluster", "outcome", "window", "model_id", "spec_version",
+                      "version"}  # fmt: skip
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_not_serving_until_the_model_is_attached_then_overload(engine: Engine, data_dir: Path) -> None:
+    server, port = build_server(
+        _settings(max_concurrent_rpcs=1, metrics_port=-1), registry=CollectorRegistry()
+    )
+    server.start()
+    address = f"127.0.0.1:{port}"
+    data = (data_dir / "dicom" / DICOMS[0]).read_bytes()
+    try:
+        with ReliabilityClient(address, timeout=30) as client:
+            assert client.health() == "NOT_SERVING" and client.health(SERVICE_NAME) == "NOT_SERVING"
+            err = _rpc_error(client.score_bytes, data)
+            assert (
+                err.code() == grpc.StatusCode.FAILED_PRECONDITION
+                and "model is still loading" in err.details()
+            )
+            server.attach(engine)
+            assert client.health() == "SERVING"
+
+            # One open stream takes the only scoring slot: a second scoring call is turned away.
+            outbox: queue.Queue = queue.Queue()
+            stream = client.score_stream(iter(outbox.get, None))
+            outbox.put(bytes_request(data, request_id="hold"))
+            assert next(stream).request_id == "hold"
+            err = _rpc_error(client.score_bytes, data)
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "server overloaded" in err.details() and "max_concurrent_rpcs=1" in err.details()
+            assert client.model_info().model_id == engine.model.model_id  # not a scoring call
+            outbox.put(None)
+            assert list(stream) == []
+            assert client.score_bytes(data).image.format == "dicom"
+    finally:
+        server.stop(1)
+    status = server.health.Check(health_pb2.HealthCheckRequest(service=""), None).status
+    assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_numeric_core_never_imports_grpc_or_prometheus() -> None:
+    code = (
+        "import sys\n"
+        "import monitor.imaging, monitor.spectrum, monitor.clustering, monitor.reliability, monitor.drift\n"
+        "import monitor.model, monitor.artifact, monitor.engine, monitor.settings\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'prometheus_client'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == ""
+
+
+def test_cli_parser_does_not_import_grpc() -> None:
+    code = "import sys, monitor.cli as c; c.build_parser(); print('grpc' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.strip() == "False"
+
+
+def _read_port(proc: subprocess.Popen, deadline: float) -> int:
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line:
+            break
+        doc = json.loads(line)
+        if doc["msg"] == "listening":
+            return int(doc["port"])
+    raise AssertionError(f"the server did not report its port (exit {proc.poll()})")
+
+
+def test_sigterm_graceful_shutdown_finishes_in_flight_work(data_dir: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "CXR_MONITOR_GRACE_SECONDS": "20", "CXR_MONITOR_WORKERS": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
+         "--log-format", "json"],
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        address = f"127.0.0.1:{_read_port(proc, deadline)}"
+        lines: list[str] = []
+        threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+        data = (data_dir / "dicom" / DICOMS[0]).read_bytes()
+        with ReliabilityClient(address, timeout=60) as client:
+            while client.health() != "SERVING":
+                assert time.monotonic() < deadline and proc.poll() is None
+                time.sleep(0.2)
+            outbox: queue.Queue = queue.Queue()
+            stream = client.score_stream(iter(outbox.get, None))
+            outbox.put(bytes_request(data, request_id="before"))
+            assert next(stream).request_id == "before"
+
+            proc.send_signal(signal.SIGTERM)
+            with ReliabilityClient(address) as probe:  # wait until the server has begun shutting down
+                while True:
+                    try:
+                        if probe.health(timeout=2) == "NOT_SERVING":
+                            break
+                    except grpc.RpcError as exc:
+                        assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                        break
+                    time.sleep(0.05)
+            # The stream was in flight when SIGTERM came: it may still send and be answered.
+            outbox.put(bytes_request(data, request_id="after"))
+            late = next(stream)
+            assert late.request_id == "after" and not late.HasField("error")
+            outbox.put(None)
+            assert list(stream) == []
+        assert proc.wait(timeout=60) == 0
+        messages = [json.loads(line)["msg"] for line in lines if line.startswith("{")]
+        assert "received SIGTERM" in messages and "shutting down" in messages and messages[-1] == "stopped"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_nan_classifier_score_means_unknown(client: ReliabilityClient, data_dir: Path) -> None:
+    r = client.score_file(data_dir / "dicom" / DICOMS[0], classifier_score=math.nan)
+    assert r.method == "cluster" and r.failure_probability == pytest.approx(r.cluster_failure_probability)
