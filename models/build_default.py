@@ -37,18 +37,26 @@ def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def write_outcomes(labels_csv: Path, out_csv: Path) -> float:
+    """Write the outcomes table; return the Youden threshold of the scores *as written*.
+
+    The threshold is computed from the rounded scores in the table so that the fit,
+    which reads the table, takes exactly the decisions the threshold was chosen for.
+    """
     rows = list(csv.DictReader(labels_csv.open()))
     finding_cols = [c for c in rows[0] if c.startswith("chexnet_")]
-    labels = np.array([r["findings"] != "No Finding" for r in rows], dtype=int)
-    scores = np.array([max(float(r[c]) for c in finding_cols) for r in rows])
-    threshold = youden_threshold(labels, scores)
     keep = ["view", "sex", "age", "pixel_spacing_mm", "original_width", "original_height", "findings"]
     with out_csv.open("w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
         w.writerow(["image", "label", "score", *keep])
-        for r, y, s in zip(rows, labels, scores, strict=True):
-            w.writerow([r["image"], y, f"{s:.8g}", *(r[k] for k in keep)])
-    return threshold
+        for r in rows:
+            score = max(float(r[c]) for c in finding_cols)
+            w.writerow(
+                [r["image"], int(r["findings"] != "No Finding"), f"{score:.8g}", *(r[k] for k in keep)]
+            )
+    written = list(csv.DictReader(out_csv.open()))
+    labels = np.array([int(r["label"]) for r in written])
+    scores = np.array([float(r["score"]) for r in written])
+    return youden_threshold(labels, scores)
 
 
 def main() -> int:
