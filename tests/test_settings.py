@@ -1,0 +1,97 @@
+"""Tests for monitor.settings: flag > environment > default, validation, one reader of os.environ."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import fields
+from pathlib import Path
+
+import pytest
+
+from monitor import imaging
+from monitor.cli import build_parser
+from monitor.errors import InvalidInputError
+from monitor.settings import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+    DEFAULT_WORKERS,
+    Settings,
+    env_name,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults() -> None:
+    s = Settings.load({}, environ={})
+    assert (s.port, s.metrics_port, s.workers, s.fft_threads) == (50051, 9108, 4, 1)
+    assert (s.window_images, s.window_seconds, s.max_message_bytes) == (200, 300.0, 64 * 1024 * 1024)
+    assert (s.log_format, s.log_level, s.host) == ("json", "INFO", "0.0.0.0")
+    assert s.model == REPO / "models" / "default"
+    assert DEFAULT_MAX_PIXELS == imaging.DEFAULT_MAX_PIXELS == s.max_pixels
+
+
+def test_flag_beats_env_beats_default() -> None:
+    env = {"CXR_MONITOR_PORT": "6000", "CXR_MONITOR_WORKERS": "3", "CXR_MONITOR_MODEL": "/models/x"}
+    s = Settings.load({"port": 7000, "workers": None, "unrelated": 1}, environ=env)
+    assert s.port == 7000  # flag
+    assert s.workers == 3  # env (the flag was not given)
+    assert s.model == Path("/models/x")
+    assert s.metrics_port == DEFAULT_METRICS_PORT  # default
+
+
+def test_serve_flags_reach_settings_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CXR_MONITOR_METRICS_PORT", "9200")
+    monkeypatch.setenv("CXR_MONITOR_WORKERS", "2")
+    monkeypatch.setenv("CXR_MONITOR_LOG_FORMAT", "text")
+    args = build_parser().parse_args(["serve", "--workers", "5", "--window-seconds", "60"])
+    s = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)})
+    assert (s.workers, s.metrics_port, s.window_seconds, s.log_format) == (5, 9200, 60.0, "text")
+    assert s.port == DEFAULT_PORT
+
+
+def test_every_field_has_help_flag_and_env_name() -> None:
+    parser = build_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # noqa: SLF001
+    help_text = serve.format_help()
+    for f in fields(Settings):
+        assert f.metadata["help"]
+        assert "--" + f.name.replace("_", "-") in help_text
+        assert env_name(f.name) in help_text
+    assert env_name("metrics_port") == "CXR_MONITOR_METRICS_PORT"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CXR_MONITOR_PORT": "abc"}, "environment variable CXR_MONITOR_PORT='abc' is not a valid int"),
+        ({"CXR_MONITOR_WINDOW_SECONDS": "soon"}, "CXR_MONITOR_WINDOW_SECONDS='soon' is not a valid float"),
+        ({"CXR_MONITOR_WORKERS": "0"}, "setting workers must be >= 1, got 0"),
+        ({"CXR_MONITOR_PORT": "70000"}, "setting port must be in 0..65535, got 70000"),
+        ({"CXR_MONITOR_LOG_FORMAT": "xml"}, "setting log_format must be one of ('json', 'text'), got 'xml'"),
+        ({"CXR_MONITOR_GRACE_SECONDS": "0"}, "setting grace_seconds must be > 0 seconds, got 0.0"),
+    ],
+)
+def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        Settings.load({}, environ=env)
+
+
+def test_empty_env_value_means_default() -> None:
+    assert Settings.load({}, environ={"CXR_MONITOR_WORKERS": " "}).workers == DEFAULT_WORKERS
+
+
+def test_log_level_is_case_insensitive_and_address_brackets_ipv6() -> None:
+    s = Settings.load({"log_level": "debug", "host": "::", "port": 1})
+    assert s.log_level == "DEBUG" and s.address == "[::]:1"
+    assert Settings(host="127.0.0.1", port=5).address == "127.0.0.1:5"
+
+
+def test_only_settings_reads_the_environment() -> None:
+    sidecar = [REPO / "monitor" / "metrics.py", REPO / "monitor" / "client.py",
+               *sorted((REPO / "monitor" / "server").glob("*.py"))]  # fmt: skip
+    for path in sidecar:
+        text = path.read_text()
+        assert "os.environ" not in text and "getenv" not in text, path
+    assert "os.environ" in (REPO / "monitor" / "settings.py").read_text()
