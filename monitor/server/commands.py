@@ -135,7 +135,7 @@ def _cmd_client_score(args: argparse.Namespace) -> int:
                     return EXIT_ERROR  # nothing else will get through
                 continue
             if args.json:
-                print_json({"image": str(path), **to_dict(response)})
+                print_json({"path": str(path), **to_dict(response)})
             else:
                 _print_response(str(path), response)
     if failed == 0:
