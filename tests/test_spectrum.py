@@ -238,7 +238,9 @@ def test_periodic_grid_raises_peak(small: SpectralProfiler) -> None:
     assert gridded > plain + 1.0
 
 
-@pytest.mark.parametrize("shape", [(224, 224), (512, 512), (1024, 1024), (1955, 1841), (1841, 1955), (300, 17)])
+@pytest.mark.parametrize(
+    "shape", [(224, 224), (512, 512), (1024, 1024), (1955, 1841), (1841, 1955), (300, 17)]
+)
 def test_native_sizes_give_finite_profiles(profiler: SpectralProfiler, shape: tuple[int, int]) -> None:
     image = np.random.default_rng(7).normal(size=shape).cumsum(axis=1)
     features = profiler.profile(image.astype(np.float32))
