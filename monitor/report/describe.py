@@ -503,7 +503,13 @@ def metadata_composition(
         numeric = all(x is not None for x in numbers)
         kind = "categorical"
         multi: list[list[str]] | None = None
-        if len(distinct) <= max_categories:
+        if not numeric and any("|" in v for v in text):
+            kind = "multi-label"
+            multi = [[p.strip() for p in v.split("|") if p.strip()] for v in text]
+            tally = Counter(p for parts in multi for p in parts)
+            order = [v for v, _ in tally.most_common(max_categories)]
+            labels = []
+        elif len(distinct) <= max_categories:
             if numeric:
                 labels = [_fmt_number(x) for x in numbers]
                 order = [_fmt_number(x) for x in sorted({float(x) for x in numbers})]
@@ -515,12 +521,6 @@ def metadata_composition(
             kind = "binned"
             labels, order = _bin_labels_numeric(col, [float(x) for x in numbers])
             order = [o for o in order if o in set(labels)]
-        elif any("|" in v for v in text):
-            kind = "multi-label"
-            multi = [[p.strip() for p in v.split("|") if p.strip()] for v in text]
-            tally = Counter(p for parts in multi for p in parts)
-            order = [v for v, _ in tally.most_common(max_categories)]
-            labels = []
         else:
             skipped[col] = f"{len(distinct)} distinct values"
             continue
