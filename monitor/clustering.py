@@ -71,7 +71,7 @@ class SpectralClusterer(BaseEstimator):
     novelty_precision_ : ndarray of shape (n_features, n_features)
         Inverse Ledoit–Wolf covariance of the standardised reference.
     reference_distances_ : ndarray of shape (n_samples,)
-        Sorted Mahalanobis distances of the fit set (the novelty scale).
+        Sorted held-out (5-fold) Mahalanobis distances of the fit set: the novelty scale.
     novelty_threshold_ : float
     labels_ : ndarray of shape (n_samples,)
     """
@@ -148,9 +148,8 @@ class SpectralClusterer(BaseEstimator):
         self.covariances_ = best.covariances_[order]
         self._build_mixture()
 
-        lw = LedoitWolf().fit(Z)
-        self.novelty_precision_ = lw.precision_
-        self.reference_distances_ = np.sort(self._distance(Z))
+        self.novelty_precision_ = LedoitWolf().fit(Z).precision_
+        self.reference_distances_ = np.sort(self._held_out_distances(Z))
         self.novelty_threshold_ = float(np.quantile(self.reference_distances_, self.novelty_quantile))
         self.labels_ = self.predict(X)
         return self
@@ -178,6 +177,23 @@ class SpectralClusterer(BaseEstimator):
             if bic < best_bic:
                 best, best_bic = gmm, bic
         return best, best_bic
+
+    def _held_out_distances(self, Z: np.ndarray, n_folds: int = 5) -> np.ndarray:
+        """Mahalanobis distance of each reference image from a covariance fitted without it.
+
+        In-sample distances are biased low (the covariance has seen the point), so a
+        novelty threshold taken from them flags too many new in-distribution images.
+        """
+        rng = np.random.default_rng(self.random_state)
+        folds = rng.permutation(Z.shape[0]) % n_folds
+        out = np.empty(Z.shape[0])
+        for f in range(n_folds):
+            held = folds == f
+            train = Z[~held]
+            precision = LedoitWolf().fit(train).precision_
+            centred = Z[held] - train.mean(axis=0)
+            out[held] = np.sqrt(np.einsum("ij,jk,ik->i", centred, precision, centred))
+        return out
 
     def _build_mixture(self) -> None:
         """Rebuild the scikit-learn mixture from the fitted arrays (also after loading)."""
@@ -216,7 +232,8 @@ class SpectralClusterer(BaseEstimator):
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Soft memberships, shape (n_samples, n_clusters), rows sum to 1."""
-        return self._gmm.predict_proba(self.transform(X))
+        Y = self.transform(X)  # checks fitted before the mixture is looked up
+        return self._gmm.predict_proba(Y)
 
     def predict(self, X: Any) -> np.ndarray:
         """Most likely cluster of each profile, shape (n_samples,)."""
@@ -224,7 +241,8 @@ class SpectralClusterer(BaseEstimator):
 
     def score_samples(self, X: Any) -> np.ndarray:
         """Mixture log-likelihood of each profile in PCA space, shape (n_samples,)."""
-        return self._gmm.score_samples(self.transform(X))
+        Y = self.transform(X)
+        return self._gmm.score_samples(Y)
 
     def novelty(self, X: Any) -> tuple[np.ndarray, np.ndarray]:
         """Novelty of each profile.
