@@ -1,0 +1,213 @@
+"""Tests for monitor.drift: PSI, window statistics, sliding windows and the drift verdict."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from monitor.drift import DEFAULT_THRESHOLDS, DriftThresholds, SlidingWindow, WindowStats, drift_report, psi
+from monitor.errors import InvalidInputError
+
+NAMES = ("f0", "f1", "f2", "f3")
+MIX = np.array([0.45, 0.3, 0.15, 0.07, 0.03])
+
+
+def _window(counts, n_novel: int = 0, fail_sum: float = 0.0, shift=None) -> WindowStats:
+    """A WindowStats with given cluster counts, novel count and mean feature shift."""
+    counts = np.asarray(counts)
+    w = WindowStats(n_clusters=counts.size, n_features=len(NAMES))
+    z = np.zeros(len(NAMES)) if shift is None else np.asarray(shift, dtype=np.float64)
+    novel_left = n_novel
+    for c, m in enumerate(counts):
+        for _ in range(int(m)):
+            w.add(c, novel_left > 0, fail_sum / counts.sum(), z)
+            novel_left -= 1
+    return w
+
+
+# --------------------------------------------------------------------------- psi
+
+
+def test_psi_identical_is_zero() -> None:
+    assert psi(MIX, MIX) == pytest.approx(0.0, abs=1e-15)
+    # Inputs are normalised (the 1e-4 smoothing is added before, hence not exactly 0).
+    assert psi([10, 20, 30], [1, 2, 3]) == pytest.approx(0.0, abs=1e-8)
+
+
+def test_psi_grows_with_shift() -> None:
+    values = [psi([0.5 + d, 0.5 - d], [0.5, 0.5]) for d in (0.0, 0.05, 0.1, 0.2, 0.3, 0.45)]
+    assert values[0] == pytest.approx(0.0, abs=1e-15)
+    assert np.all(np.diff(values) > 0)
+    assert psi([0.6, 0.4], [0.5, 0.5]) == pytest.approx(psi([0.5, 0.5], [0.6, 0.4]))  # symmetric
+    # Textbook value: (0.6-0.5) ln(0.6/0.5) + (0.4-0.5) ln(0.4/0.5), up to the 1e-4 smoothing.
+    assert psi([0.6, 0.4], [0.5, 0.5]) == pytest.approx(0.1 * np.log(1.2) - 0.1 * np.log(0.8), rel=1e-3)
+
+
+def test_psi_of_empty_bin_is_finite() -> None:
+    assert np.isfinite(psi([1.0, 0.0], [0.5, 0.5]))
+
+
+# --------------------------------------------------------------------------- window stats
+
+
+def test_window_stats_add_remove_inverse() -> None:
+    rng = np.random.default_rng(0)
+    w = WindowStats(n_clusters=3, n_features=4)
+    items = [(int(rng.integers(3)), bool(rng.random() < 0.2), float(rng.random()), rng.normal(size=4))
+             for _ in range(50)]  # fmt: skip
+    for it in items:
+        w.add(*it)
+    assert w.n == 50
+    assert w.cluster_counts.sum() == 50
+    assert w.n_novel == sum(it[1] for it in items)
+    np.testing.assert_allclose(w.feature_sum, np.sum([it[3] for it in items], axis=0))
+    assert w.failure_probability_sum == pytest.approx(sum(it[2] for it in items))
+    for it in items[::-1]:
+        w.remove(*it)
+    assert w.n == 0 and w.n_novel == 0
+    assert w.cluster_counts.tolist() == [0, 0, 0]
+    np.testing.assert_allclose(w.feature_sum, 0.0, atol=1e-12)
+    assert w.failure_probability_sum == pytest.approx(0.0, abs=1e-12)
+
+
+def test_sliding_window_count_bound() -> None:
+    win = SlidingWindow(n_clusters=3, n_features=2, max_images=3)
+    for i, c in enumerate([0, 0, 1, 2, 2]):
+        win.add(float(i), c, c == 2, 0.1 * (i + 1), np.array([i, -i], dtype=float))
+    s = win.stats(now=100.0)  # no age bound: nothing more leaves
+    assert s.n == 3
+    assert s.cluster_counts.tolist() == [0, 1, 2]  # the last three: clusters 1, 2, 2
+    assert s.n_novel == 2
+    assert s.failure_probability_sum == pytest.approx(0.3 + 0.4 + 0.5)
+    np.testing.assert_allclose(s.feature_sum, [2 + 3 + 4, -(2 + 3 + 4)])
+
+
+def test_sliding_window_age_bound() -> None:
+    win = SlidingWindow(n_clusters=2, n_features=1, max_age_seconds=10.0)
+    for t in (0.0, 5.0, 12.0):
+        win.add(t, 0, False, 0.5, np.zeros(1))
+    # At t=12 the entry of t=0 is 12 s old: gone; t=5 is 7 s old: kept.
+    assert win.stats(now=12.0).n == 2
+    assert win.stats(now=15.0).n == 2  # exactly 10 s old is still inside
+    assert win.stats(now=15.5).n == 1
+    assert win.stats(now=22.5).n == 0
+    assert win.stats(now=22.5).cluster_counts.tolist() == [0, 0]
+
+
+def test_sliding_window_both_bounds() -> None:
+    win = SlidingWindow(n_clusters=1, n_features=1, max_images=2, max_age_seconds=5.0)
+    for t in (0.0, 1.0, 2.0):
+        win.add(t, 0, False, 0.0, np.zeros(1))
+    assert win.stats(now=2.0).n == 2
+    assert win.stats(now=6.5).n == 1
+
+
+def test_sliding_window_needs_a_bound() -> None:
+    with pytest.raises(InvalidInputError, match="a sliding window needs max_images, max_age_seconds or both"):
+        SlidingWindow(n_clusters=2, n_features=2)
+
+
+# --------------------------------------------------------------------------- drift report
+
+
+def _report(w: WindowStats, novelty_rate: float = 0.01, thresholds: DriftThresholds = DEFAULT_THRESHOLDS):
+    return drift_report(w, MIX, novelty_rate, 0.2, NAMES, thresholds)
+
+
+def test_empty_window() -> None:
+    r = _report(WindowStats(n_clusters=5, n_features=4))
+    assert r.n_images == 0 and r.drift is False
+    assert r.reasons == ("no images",)
+    assert np.isnan(r.estimated_failure_rate)
+    assert r.reference_failure_rate == 0.2
+
+
+def test_no_verdict_under_min_images() -> None:
+    # Everything in one cluster: an obvious shift, but only 29 images.
+    r = _report(_window([29, 0, 0, 0, 0], n_novel=29))
+    assert r.n_images == 29
+    assert r.drift is False
+    assert r.reasons == ("fewer than 30 images: no verdict",)
+    assert r.psi > 1.0  # the statistics are still reported
+
+
+def test_strongly_shifted_mix_drifts() -> None:
+    counts = np.array([20, 20, 40, 60, 60])  # n = 200, mass moved to the small clusters
+    r = _report(_window(counts))
+    assert r.n_images == 200
+    assert r.drift is True
+    assert r.psi > DEFAULT_THRESHOLDS.psi_min and r.chi2_p < DEFAULT_THRESHOLDS.chi2_alpha
+    assert len(r.reasons) == 1 and r.reasons[0].startswith("cluster mix shifted (PSI ")
+    assert r.cluster_counts == tuple(counts.tolist())
+    assert r.reference_mix == pytest.approx(tuple(MIX))
+    assert 0 < r.js_distance <= 1
+
+
+def test_reference_mix_window_does_not_drift() -> None:
+    counts = np.round(MIX * 200).astype(int)
+    r = _report(_window(counts, n_novel=2))
+    assert r.drift is False and r.reasons == ()
+    assert r.psi < 0.01 and r.chi2_p > 0.5
+
+
+def test_false_alarm_rate_on_reference_windows() -> None:
+    """Windows of 100 drawn from the reference (mix and novelty): the verdict says drift < 1% of the time."""
+    rng = np.random.default_rng(2024)
+    reference_novelty = 0.01
+    alarms = 0
+    trials = 500
+    for _ in range(trials):
+        w = WindowStats(n_clusters=MIX.size, n_features=len(NAMES))
+        w.cluster_counts[:] = rng.multinomial(100, MIX)
+        w.n = 100
+        w.n_novel = int(rng.binomial(100, reference_novelty))
+        alarms += _report(w, novelty_rate=reference_novelty).drift
+    assert alarms / trials < 0.01
+
+
+def test_novelty_drift() -> None:
+    counts = np.round(MIX * 100).astype(int)
+    r = _report(_window(counts, n_novel=20))
+    assert r.drift is True
+    assert r.novelty_rate == pytest.approx(0.2)
+    assert r.reasons == ("novel images 20.0% vs 1.0% expected",)
+    # Above the expected rate but below novelty_rate_min: no drift.
+    assert _report(_window(counts, n_novel=4)).drift is False
+
+
+def test_thresholds_are_used_and_reported() -> None:
+    counts = np.array([35, 30, 20, 10, 5])  # a mild shift
+    mild = _report(_window(counts))
+    assert mild.drift is False
+    loose = DriftThresholds(psi_min=0.01, chi2_alpha=0.5)
+    r = _report(_window(counts), thresholds=loose)
+    assert r.drift is True
+    assert r.thresholds == loose.to_dict()
+    assert r.thresholds["min_images"] == 30
+
+
+def test_feature_shift_and_failure_rate() -> None:
+    counts = np.round(MIX * 100).astype(int)
+    r = _report(_window(counts, fail_sum=35.0, shift=[0.1, -2.0, 0.5, 0.0]))
+    assert r.estimated_failure_rate == pytest.approx(0.35)
+    assert [name for name, _ in r.top_shifted_features] == ["f1", "f2", "f0", "f3"]
+    assert r.top_shifted_features[0][1] == pytest.approx(-2.0)
+    assert r.max_feature_shift == pytest.approx(2.0)
+
+
+def test_bad_reference_mix() -> None:
+    w = WindowStats(n_clusters=5, n_features=4)
+    with pytest.raises(InvalidInputError, match="reference_mix must be 5 shares summing to 1"):
+        drift_report(w, [0.5, 0.5], 0.01, 0.2, NAMES)
+    with pytest.raises(InvalidInputError, match="reference_mix must be 5 shares summing to 1"):
+        drift_report(w, [0.5, 0.5, 0.5, 0.5, 0.5], 0.01, 0.2, NAMES)
+
+
+def test_report_to_dict_is_json() -> None:
+    r = _report(_window([20, 20, 40, 60, 60], shift=[0.1, -2.0, 0.5, 0.0]))
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["n_images"] == 200 and d["drift"] is True
+    assert d["cluster_counts"] == [20, 20, 40, 60, 60]
+    assert d["top_shifted_features"][0] == {"feature": "f1", "z": -2.0}
