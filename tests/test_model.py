@@ -1,0 +1,194 @@
+"""Tests for monitor.model: fitting on synthetic profiles with a known blind spot, scoring, drift."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from monitor.clustering import SpectralClusterer
+from monitor.errors import InvalidInputError
+from monitor.model import ReliabilityModel, library_versions
+from monitor.spectrum import SpectralProfiler
+
+SIZES = (200, 120, 60)  # cluster ids follow size, so the enriched cluster is id 2
+FAIL_RATES = (0.1, 0.1, 0.7)
+THRESHOLD = 0.5
+
+
+def synthetic_fit_data(seed: int = 0):
+    """Profiles of 3 well-separated groups (11 features), labels, scores, failures, records.
+
+    Group 2 (the smallest) is where the classifier fails: its score points the wrong way.
+    """
+    rng = np.random.default_rng(seed)
+    profiler = SpectralProfiler(working_size=64, n_bands=4)
+    d = len(profiler.feature_names)
+    centres = rng.normal(size=(3, d)) * 8
+    group = np.repeat(np.arange(3), SIZES)
+    X = centres[group] + rng.normal(size=(group.size, d))
+    labels = rng.integers(0, 2, size=group.size)
+    wrong = rng.random(group.size) < np.array(FAIL_RATES)[group]
+    decided = np.where(wrong, 1 - labels, labels)
+    scores = np.where(decided == 1, rng.uniform(0.5, 0.99, group.size), rng.uniform(0.01, 0.49, group.size))
+    failures = ((scores >= THRESHOLD).astype(int) != labels).astype(int)
+    records = [{"image": f"img_{i:03d}.png", "site": f"s{g}"} for i, g in enumerate(group)]
+    return profiler, X, group, labels, scores, failures, records
+
+
+def fit_synthetic(seed: int = 0, calibrate: bool = True) -> ReliabilityModel:
+    profiler, X, _, labels, scores, failures, records = synthetic_fit_data(seed)
+    return ReliabilityModel.fit(
+        X,
+        failures,
+        profiler=profiler,
+        clusterer=SpectralClusterer(k_range=(2, 5), n_init=1, random_state=0),
+        labels=labels if calibrate else None,
+        scores=scores if calibrate else None,
+        threshold=THRESHOLD if calibrate else None,
+        card={"name": "synthetic"},
+        records=records,
+    )
+
+
+@pytest.fixture(scope="module")
+def data():
+    return synthetic_fit_data()
+
+
+@pytest.fixture(scope="module")
+def model() -> ReliabilityModel:
+    return fit_synthetic()
+
+
+def test_fit_finds_the_blind_spot(model: ReliabilityModel, data) -> None:
+    _, _, group, *_ = data
+    assert model.n_clusters == 3
+    assert model.clusterer.labels_.tolist() == group.tolist()  # size order = group order here
+    assert model.rates.blind_spot_.tolist() == [False, False, True]
+    assert model.rates.rate_[2] > 0.5 > model.rates.rate_[0]
+    assert model.rates.q_value_[2] < 1e-6
+    np.testing.assert_allclose(model.reference_mix, np.array(SIZES) / sum(SIZES))
+    assert model.reference_novelty_rate >= 1 - model.clusterer.novelty_quantile
+
+
+def test_fit_keeps_records_and_profiles(model: ReliabilityModel, data) -> None:
+    _, X, group, _, _, failures, records = data
+    assert np.array_equal(model.fit_profiles, X)
+    assert len(model.fit_records) == X.shape[0]
+    first = model.fit_records[0]
+    assert first == {"image": "img_000.png", "site": "s0", "cluster": 0, "failure": int(failures[0])}
+    assert [r["cluster"] for r in model.fit_records] == group.tolist()
+    assert records[0] == {"image": "img_000.png", "site": "s0"}  # the caller's records are not modified
+
+
+def test_card_and_model_id(model: ReliabilityModel) -> None:
+    assert model.card["name"] == "synthetic"
+    assert model.card["versions"] == library_versions()
+    assert model.model_id == model.fingerprint()
+    assert model.model_id.startswith("cxrm-") and len(model.model_id) == len("cxrm-") + 12
+
+
+def test_score_fields_are_consistent(model: ReliabilityModel, data) -> None:
+    _, X, group, *_ = data
+    results = model.score(X[::7])
+    assert len(results) == len(X[::7])
+    for r, g in zip(results, group[::7], strict=True):
+        assert r.reliability == pytest.approx(1.0 - r.failure_probability, abs=1e-15)
+        assert sum(r.memberships) == pytest.approx(1.0, abs=1e-12)
+        assert len(r.memberships) == 3
+        assert r.cluster == int(np.argmax(r.memberships)) == g
+        assert r.method == "cluster"
+        assert r.failure_probability == r.cluster_failure_probability
+        assert r.failure_interval[0] <= r.failure_probability <= r.failure_interval[1]
+        assert r.in_blind_spot == (g == 2)
+        assert 0.0 <= r.novelty <= 1.0 and np.isfinite(r.log_likelihood)
+        assert len(r.top_features) == 3
+        assert {name for name, _ in r.top_features} <= set(model.feature_names)
+        z = [abs(v) for _, v in r.top_features]
+        assert z == sorted(z, reverse=True)
+
+
+def test_far_profile_is_novel(model: ReliabilityModel, data) -> None:
+    _, X, *_ = data
+    r = model.score(X.mean(axis=0) + 40 * X.std(axis=0))[0]
+    assert r.novelty == 1.0 and r.is_novel
+
+
+def test_classifier_scores_use_calibration_with_nan_fallback(model: ReliabilityModel, data) -> None:
+    _, X, _, _, scores, *_ = data
+    rows = X[:4]
+    s = np.array([scores[0], np.nan, scores[2], np.nan])
+    results = model.score(rows, classifier_scores=s)
+    assert [r.method for r in results] == ["calibrated_score", "cluster", "calibrated_score", "cluster"]
+    plain = model.score(rows)
+    for r, p in zip(results, plain, strict=True):
+        assert r.cluster_failure_probability == p.failure_probability
+        assert r.reliability == pytest.approx(1.0 - r.failure_probability, abs=1e-15)
+    assert results[1].failure_probability == plain[1].failure_probability
+    expected = model.calibrator.predict_failure(s[[0, 2]], model.clusterer.predict_proba(rows[[0, 2]]))
+    np.testing.assert_allclose([results[0].failure_probability, results[2].failure_probability], expected)
+
+
+def test_calibration_inverts_the_blind_spot_decisions(model: ReliabilityModel, data) -> None:
+    """In the blind spot the score points the wrong way: a confident decision there is likely wrong."""
+    _, X, group, _, scores, failures, _ = data
+    in_spot = np.flatnonzero(group == 2)
+    results = model.score(X[in_spot], classifier_scores=scores[in_spot])
+    p = np.array([r.failure_probability for r in results])
+    assert p[failures[in_spot] == 1].mean() > p[failures[in_spot] == 0].mean()
+
+
+def test_classifier_scores_without_calibrator_are_ignored(data) -> None:
+    _, X, *_ = data
+    model = fit_synthetic(calibrate=False)
+    assert model.calibrator is None
+    r = model.score(X[:2], classifier_scores=[0.9, 0.1])
+    assert [x.method for x in r] == ["cluster", "cluster"]
+
+
+def test_score_validation(model: ReliabilityModel, data) -> None:
+    _, X, *_ = data
+    with pytest.raises(InvalidInputError, match="expected 3 classifier scores, got 2"):
+        model.score(X[:3], classifier_scores=[0.1, 0.2])
+    with pytest.raises(InvalidInputError, match="profiles have 10 features, the model expects 11"):
+        model.score(X[:3, :10])
+    with pytest.raises(
+        InvalidInputError, match=r"classifier scores must be finite probabilities in \[0, 1\]"
+    ):
+        model.score(X[:1], classifier_scores=[1.5])
+
+
+def test_fit_validation(data) -> None:
+    profiler, X, _, labels, scores, failures, records = data
+    with pytest.raises(InvalidInputError, match=f"failures must be {X.shape[0]} values of 0 or 1"):
+        ReliabilityModel.fit(X, failures[:-1], profiler=profiler)
+    with pytest.raises(InvalidInputError, match=f"failures must be {X.shape[0]} values of 0 or 1"):
+        ReliabilityModel.fit(X, failures * 2, profiler=profiler)
+    with pytest.raises(InvalidInputError, match=f"got 3 records for {X.shape[0]} profiles"):
+        ReliabilityModel.fit(X, failures, profiler=profiler, records=records[:3])
+    with pytest.raises(InvalidInputError, match="a decision threshold is needed to calibrate scores"):
+        ReliabilityModel.fit(X, failures, profiler=profiler, labels=labels, scores=scores)
+    with pytest.raises(InvalidInputError, match="profiles have 11 features, the model expects 31"):
+        ReliabilityModel.fit(X, failures, profiler=SpectralProfiler())
+
+
+def test_drift_of_fit_set_and_of_one_cluster(model: ReliabilityModel, data) -> None:
+    _, X, group, *_ = data
+    Z = model.standardise(X)
+    results = model.score(X)
+
+    def report(rows: np.ndarray):
+        window = model.new_window()
+        for i in rows:
+            r = results[i]
+            window.add(r.cluster, r.is_novel, r.cluster_failure_probability, Z[i])
+        return model.drift(window)
+
+    same = report(np.arange(X.shape[0]))
+    assert same.drift is False
+    assert same.psi == pytest.approx(0.0, abs=1e-6)
+    assert same.max_feature_shift == pytest.approx(0.0, abs=1e-9)
+    assert same.estimated_failure_rate == pytest.approx(model.reference_failure_probability)
+    shifted = report(np.flatnonzero(group == 2))
+    assert shifted.drift is True
+    assert shifted.estimated_failure_rate > model.reference_failure_probability
