@@ -572,3 +572,23 @@ def test_sigterm_graceful_shutdown_finishes_in_flight_work(data_dir: Path, tmp_p
 def test_nan_classifier_score_means_unknown(client: ReliabilityClient, data_dir: Path) -> None:
     r = client.score_file(data_dir / "dicom" / DICOMS[0], classifier_score=math.nan)
     assert r.method == "cluster" and r.failure_probability == pytest.approx(r.cluster_failure_probability)
+
+
+def test_json_log_lines_carry_extra_fields_and_tracebacks() -> None:
+    import logging
+
+    from monitor.server.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "cxr_monitor.server", logging.ERROR, __file__, 1, "Score %s", ("INTERNAL",), None
+    )
+    record.method, record.seconds, record.metadata = "Score", float("nan"), {"site": "A"}
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record.exc_info = sys.exc_info()
+    doc = json.loads(JsonFormatter().format(record))
+    assert (doc["level"], doc["logger"], doc["msg"]) == ("ERROR", "cxr_monitor.server", "Score INTERNAL")
+    assert doc["method"] == "Score" and doc["seconds"] is None and doc["metadata"] == {"site": "A"}
+    assert doc["ts"].endswith("+00:00") and "ValueError: boom" in doc["exc"]
+    assert "args" not in doc and "levelno" not in doc

@@ -1,0 +1,280 @@
+"""Speed of the gRPC sidecar on this machine: latency, throughput, server overhead, thread scaling.
+
+Runs real ``cxr-monitor serve`` subprocesses on 127.0.0.1 and drives them with
+blocking unary Score calls from 1 or 8 client threads (one channel each), for two
+inputs: a 1024x1024 PNG (an NIH WebP re-encoded in memory) and the 1955x1841
+15-bit JPEG 2000 DICOM. Writes ``benchmarks/results/server.json`` and ``server.md``.
+
+Measured:
+
+* p50/p99 client-side latency and throughput with 1 and 8 concurrent clients (2 workers);
+* server overhead = (server total - decode - profile - score) / (decode + profile + score),
+  from the per-request server timings of the single-client run (no queueing); the
+  8-client figure is also given, where "overhead" includes time queued for a worker;
+* throughput with 2 worker threads / with 1 worker thread, 8 clients (target >= 1.8 on 2 cores);
+* p99 at 8 clients against single-client p50 x 4 (8 clients / 2 cores: the queueing bound).
+
+The machine is shared: the 1-minute load average before and after each run is recorded.
+
+    .venv/bin/python benchmarks/bench_server.py [--png-requests 160] [--dicom-requests 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+from PIL import Image
+
+from monitor.client import ReliabilityClient, bytes_request
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = (REPO / ".." / "shared" / "data").resolve()
+RESULTS = REPO / "benchmarks" / "results"
+PNG_SOURCE = DATA / "nih" / "images" / "00000075_000.webp"
+DICOM = DATA / "dicom" / "cxr_pa_cr_philips_j2k.dcm"
+
+
+def _load() -> float:
+    return round(os.getloadavg()[0], 2)
+
+
+class Server:
+    """A ``cxr-monitor serve`` subprocess on a free loopback port."""
+
+    def __init__(self, workers: int) -> None:
+        cmd = [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0",
+               "--metrics-port", "-1", "--workers", str(workers), "--log-format", "json"]  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+        )
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            doc = json.loads(line)
+            if doc.get("msg") == "listening":
+                self.address = f"127.0.0.1:{doc['port']}"
+                break
+        else:
+            raise RuntimeError(f"server exited with {self.proc.wait()} before listening")
+        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
+        deadline = time.monotonic() + 180
+        with ReliabilityClient(self.address) as client:
+            while True:
+                try:
+                    if client.health(timeout=2) == "SERVING":
+                        break
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("server did not become SERVING")
+                time.sleep(0.2)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=60)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+def drive(address: str, request: Any, clients: int, n_requests: int) -> dict[str, Any]:
+    """``n_requests`` Score calls shared by ``clients`` threads, each on its own channel."""
+    remaining = [n_requests]
+    lock = threading.Lock()
+    samples: list[tuple[float, Any]] = []
+    errors: list[str] = []
+
+    def worker() -> None:
+        with ReliabilityClient(address, timeout=120) as client:
+            while True:
+                with lock:
+                    if remaining[0] == 0:
+                        return
+                    remaining[0] -= 1
+                t0 = time.perf_counter()
+                try:
+                    r = client.score(request)
+                except grpc.RpcError as exc:
+                    errors.append(f"{exc.code().name}: {exc.details()}")
+                    continue
+                dt = time.perf_counter() - t0
+                with lock:
+                    samples.append((dt, r.timings))
+
+    load_before = _load()
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    lat = [s[0] for s in samples]
+    work = [t.decode_seconds + t.profile_seconds + t.score_seconds for _, t in samples]
+    total = [t.total_seconds for _, t in samples]
+    overhead = [(tt - w) / w for tt, w in zip(total, work, strict=True)]
+    return {
+        "clients": clients,
+        "requests": len(samples),
+        "errors": errors,
+        "seconds": wall,
+        "throughput_per_second": len(samples) / wall,
+        "latency_p50_seconds": _percentile(lat, 50),
+        "latency_p99_seconds": _percentile(lat, 99),
+        "latency_mean_seconds": statistics.fmean(lat),
+        "server_total_p50_seconds": _percentile(total, 50),
+        "server_work_p50_seconds": _percentile(work, 50),
+        "stage_p50_seconds": {
+            "decode": _percentile([t.decode_seconds for _, t in samples], 50),
+            "profile": _percentile([t.profile_seconds for _, t in samples], 50),
+            "score": _percentile([t.score_seconds for _, t in samples], 50),
+        },
+        # Aggregate ratio (sum over requests) and the median per-request ratio.
+        "server_overhead_ratio": (sum(total) - sum(work)) / sum(work),
+        "server_overhead_p50_ratio": _percentile(overhead, 50),
+        "client_minus_server_p50_seconds": _percentile([a - b for a, b in zip(lat, total, strict=True)], 50),
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def _inputs() -> dict[str, Any]:
+    buf = io.BytesIO()
+    Image.open(PNG_SOURCE).save(buf, format="PNG")
+    return {
+        "png_1024": bytes_request(buf.getvalue(), name="nih.png"),
+        "dicom_j2k": bytes_request(DICOM.read_bytes(), name=DICOM.name),
+    }
+
+
+def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
+    inputs = _inputs()
+    counts = {"png_1024": png_requests, "dicom_j2k": dicom_requests}
+    out: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "load_at_start": list(os.getloadavg()),
+        },  # fmt: skip
+        "inputs": {k: len(v.encoded.data) for k, v in inputs.items()},
+        "runs": {},
+    }
+    for workers in (2, 1):
+        server = Server(workers)
+        try:
+            for name, request in inputs.items():
+                n = counts[name]
+                drive(server.address, request, 2, 4)  # warm both workers and the channels
+                key = f"{name}/workers={workers}"
+                out["runs"][f"{key}/clients=8"] = drive(server.address, request, 8, n)
+                if workers == 2:
+                    out["runs"][f"{key}/clients=1"] = drive(server.address, request, 1, max(n // 2, 10))
+                print(f"done {key}", file=sys.stderr)
+        finally:
+            server.stop()
+    summary = {}
+    for name in inputs:
+        one = out["runs"][f"{name}/workers=2/clients=1"]
+        eight = out["runs"][f"{name}/workers=2/clients=8"]
+        eight_w1 = out["runs"][f"{name}/workers=1/clients=8"]
+        summary[name] = {
+            "p50_1_client_ms": one["latency_p50_seconds"] * 1e3,
+            "p99_1_client_ms": one["latency_p99_seconds"] * 1e3,
+            "throughput_1_client": one["throughput_per_second"],
+            "p50_8_clients_ms": eight["latency_p50_seconds"] * 1e3,
+            "p99_8_clients_ms": eight["latency_p99_seconds"] * 1e3,
+            "throughput_8_clients": eight["throughput_per_second"],
+            "server_overhead_1_client": one["server_overhead_ratio"],
+            "server_overhead_8_clients_incl_queueing": eight["server_overhead_ratio"],
+            "throughput_workers2_over_workers1": eight["throughput_per_second"]
+            / eight_w1["throughput_per_second"],
+            "p99_8_clients_over_4x_p50_1_client": eight["latency_p99_seconds"]
+            / (4 * one["latency_p50_seconds"]),
+        }
+    out["summary"] = summary
+    out["machine"]["load_at_end"] = list(os.getloadavg())
+    return out
+
+
+def _markdown(results: list[dict[str, Any]]) -> str:
+    lines = [
+        "# gRPC sidecar speed",
+        "",
+        "Generated by `benchmarks/bench_server.py` (real `cxr-monitor serve` subprocesses on 127.0.0.1,",
+        "blocking unary Score calls, one channel per client thread, client and server on the same 2 cores).",
+        "Latency is client-side (send to reply). Server overhead = (server total - decode - profile - score)",
+        "/ (decode + profile + score) from the server's own timings; with 8 clients it includes time queued",
+        "for a worker. Scaling = throughput with 2 worker threads / 1 worker thread, 8 clients.",
+        "Other engineers use this machine at the same time: the 1-minute load average is given per run.",
+        "",
+    ]
+    for i, res in enumerate(results, 1):
+        m = res["machine"]
+        lines += [
+            f"## Run {i}: {res['date']} ({m['cpus']} CPUs; load average at start "
+            f"{m['load_at_start'][0]:.2f}, at end {m['load_at_end'][0]:.2f})",
+            "",
+            "| input | p50 1 client | p99 1 client | thr. 1 client | p50 8 clients | p99 8 clients | thr. 8 clients "
+            "| overhead 1 client | overhead 8 clients (queueing) | scaling 2w/1w | p99(8) / 4 x p50(1) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in res["summary"].items():
+            lines.append(
+                f"| {name} | {s['p50_1_client_ms']:.1f} ms | {s['p99_1_client_ms']:.1f} ms | "
+                f"{s['throughput_1_client']:.1f}/s | {s['p50_8_clients_ms']:.1f} ms | {s['p99_8_clients_ms']:.1f} ms | "
+                f"{s['throughput_8_clients']:.1f}/s | {s['server_overhead_1_client']:.1%} | "
+                f"{s['server_overhead_8_clients_incl_queueing']:.0%} | {s['throughput_workers2_over_workers1']:.2f}x | "
+                f"{s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
+            )
+        lines += ["", "| run | requests | load before/after | p50 | stages p50 (decode / profile / score) |",
+                  "|---|---|---|---|---|"]  # fmt: skip
+        for key, r in res["runs"].items():
+            st = r["stage_p50_seconds"]
+            lines.append(
+                f"| {key} | {r['requests']} ({len(r['errors'])} errors) | {r['load_before']:.2f} / "
+                f"{r['load_after']:.2f} | {r['latency_p50_seconds'] * 1e3:.1f} ms | "
+                f"{st['decode'] * 1e3:.1f} / {st['profile'] * 1e3:.1f} / {st['score'] * 1e3:.1f} ms |"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--png-requests", type=int, default=160, help="requests per PNG run (default: 160)")
+    parser.add_argument("--dicom-requests", type=int, default=40, help="requests per DICOM run (default: 40)")
+    parser.add_argument("--append", action="store_true", help="add this run to the existing results")
+    args = parser.parse_args()
+    if not DICOM.is_file() or not PNG_SOURCE.is_file():
+        print(f"error: shared data not found under {DATA}", file=sys.stderr)
+        return 2
+    result = run(args.png_requests, args.dicom_requests)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "server.json"
+    runs = json.loads(path.read_text())["runs"] if args.append and path.is_file() else []
+    runs.append(result)
+    path.write_text(json.dumps({"runs": runs}, indent=2) + "\n")
+    (RESULTS / "server.md").write_text(_markdown(runs))
+    print(json.dumps(result["summary"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
