@@ -264,8 +264,8 @@ def _scalar_finding(name: str, z: float, mine: float, ref: float) -> Finding | N
         return Finding(name, z, change, meaning)
     if name == "jpeg_blockiness":
         change = (
-            f"{'blockier' if up else 'less blocky'}: gradients at 8-pixel block borders "
-            f"{10**mine:.2f}x those elsewhere (reference {10**ref:.2f}x)"
+            f"{'blockier' if up else 'less blocky'} (gradients at 8-pixel block borders "
+            f"{10**mine:.2f}x those elsewhere, reference {10**ref:.2f}x)"
         )
         meaning = "JPEG compression" if up else "less JPEG compression than the reference"
         return Finding(name, z, change, meaning)
@@ -401,6 +401,10 @@ class MetadataComposition:
     skipped: dict[str, str] = field(default_factory=dict)
 
 
+def _label(column: str) -> str:
+    return _LABELS.get(column, column.removeprefix("img_").replace("_", " "))
+
+
 def _missing(v: Any) -> bool:
     if v is None:
         return True
@@ -497,7 +501,7 @@ def metadata_composition(
         if len(distinct) == 1:
             v = text[0]
             num = _as_float(v)
-            constant[_LABELS.get(col, col)] = _fmt_number(num) if num is not None else v
+            constant[_label(col)] = _fmt_number(num) if num is not None else v
             continue
         numbers = [_as_float(v) for v in text]
         numeric = all(x is not None for x in numbers)
@@ -552,7 +556,7 @@ def metadata_composition(
         tables.append(
             CompositionTable(
                 column=col,
-                label=_LABELS.get(col, col.removeprefix("img_").replace("_", " ")),
+                label=_label(col),
                 kind=kind,
                 categories=tuple(order),
                 counts=counts,

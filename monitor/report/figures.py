@@ -126,7 +126,7 @@ def rates_figure(model: ReliabilityModel) -> Figure:
     r = model.rates
     k = model.n_clusters
     colours = cluster_colours(k)
-    fig = Figure(figsize=(max(5.0, 1.0 + 0.75 * k), 3.6), layout="constrained")
+    fig = Figure(figsize=(max(6.4, 1.6 + 0.75 * k), 3.8), layout="constrained")
     ax = fig.add_subplot()
     x = np.arange(k)
     blind = np.asarray(r.blind_spot_, dtype=bool)
