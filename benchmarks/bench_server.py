@@ -11,7 +11,8 @@ Measured:
 * server overhead = (server total - decode - profile - score) / (decode + profile + score),
   from the per-request server timings of the single-client run (no queueing); the
   8-client figure is also given, where "overhead" includes time queued for a worker;
-* throughput with 2 worker threads / with 1 worker thread, 8 clients (target >= 1.8 on 2 cores);
+* throughput with 2 worker threads / with 1 worker thread, 8 clients (target >= 1.8 on 2 cores), and
+  with 2 worker threads + 2 decoder processes (``--decode-processes 2``) / 1 worker thread;
 * p99 at 8 clients against single-client p50 x 4 (8 clients / 2 cores: the queueing bound).
 
 The machine is shared: the 1-minute load average before and after each run is recorded.
@@ -56,9 +57,10 @@ def _load() -> float:
 class Server:
     """A ``cxr-monitor serve`` subprocess on a free loopback port."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, decode_processes: int = 0) -> None:
         cmd = [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0",
-               "--metrics-port", "-1", "--workers", str(workers), "--log-format", "json"]  # fmt: skip
+               "--metrics-port", "-1", "--workers", str(workers), "--decode-processes", str(decode_processes),
+               "--log-format", "json"]  # fmt: skip
         self.proc = subprocess.Popen(
             cmd, cwd=REPO, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
         )
@@ -176,13 +178,13 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
         "inputs": {k: len(v.encoded.data) for k, v in inputs.items()},
         "runs": {},
     }
-    for workers in (2, 1):
-        server = Server(workers)
+    for workers, processes in ((2, 0), (1, 0), (2, 2)):
+        server = Server(workers, processes)
         try:
             for name, request in inputs.items():
                 n = counts[name]
                 drive(server.address, request, 2, 4)  # warm both workers and the channels
-                key = f"{name}/workers={workers}"
+                key = f"{name}/workers={workers}" + (f"+decode_processes={processes}" if processes else "")
                 out["runs"][f"{key}/clients=8"] = drive(server.address, request, 8, n)
                 if workers == 2:
                     out["runs"][f"{key}/clients=1"] = drive(server.address, request, 1, max(n // 2, 10))
@@ -194,6 +196,7 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
         one = out["runs"][f"{name}/workers=2/clients=1"]
         eight = out["runs"][f"{name}/workers=2/clients=8"]
         eight_w1 = out["runs"][f"{name}/workers=1/clients=8"]
+        eight_dp = out["runs"][f"{name}/workers=2+decode_processes=2/clients=8"]
         summary[name] = {
             "p50_1_client_ms": one["latency_p50_seconds"] * 1e3,
             "p99_1_client_ms": one["latency_p99_seconds"] * 1e3,
@@ -207,6 +210,9 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
             / eight_w1["throughput_per_second"],
             "p99_8_clients_over_4x_p50_1_client": eight["latency_p99_seconds"]
             / (4 * one["latency_p50_seconds"]),
+            "throughput_8_clients_decode_processes": eight_dp["throughput_per_second"],
+            "throughput_decode_processes2_over_workers1": eight_dp["throughput_per_second"]
+            / eight_w1["throughput_per_second"],
         }
     out["summary"] = summary
     out["machine"]["load_at_end"] = list(os.getloadavg())
@@ -221,7 +227,8 @@ def _markdown(results: list[dict[str, Any]]) -> str:
         "blocking unary Score calls, one channel per client thread, client and server on the same 2 cores).",
         "Latency is client-side (send to reply). Server overhead = (server total - decode - profile - score)",
         "/ (decode + profile + score) from the server's own timings; with 8 clients it includes time queued",
-        "for a worker. Scaling = throughput with 2 worker threads / 1 worker thread, 8 clients.",
+        "for a worker. Scaling = throughput with 2 worker threads (optionally + 2 decoder processes) / 1 worker",
+        "thread, 8 clients.",
         "Other engineers use this machine at the same time: the 1-minute load average is given per run.",
         "",
     ]
@@ -232,8 +239,9 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             f"{m['load_at_start'][0]:.2f}, at end {m['load_at_end'][0]:.2f})",
             "",
             "| input | p50 1 client | p99 1 client | thr. 1 client | p50 8 clients | p99 8 clients | thr. 8 clients "
-            "| overhead 1 client | overhead 8 clients (queueing) | scaling 2w/1w | p99(8) / 4 x p50(1) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "| overhead 1 client | overhead 8 clients (queueing) | scaling 2w/1w | scaling 2w+2 decode proc./1w "
+            "| p99(8) / 4 x p50(1) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in res["summary"].items():
             lines.append(
@@ -241,6 +249,7 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                 f"{s['throughput_1_client']:.1f}/s | {s['p50_8_clients_ms']:.1f} ms | {s['p99_8_clients_ms']:.1f} ms | "
                 f"{s['throughput_8_clients']:.1f}/s | {s['server_overhead_1_client']:.1%} | "
                 f"{s['server_overhead_8_clients_incl_queueing']:.0%} | {s['throughput_workers2_over_workers1']:.2f}x | "
+                f"{s['throughput_decode_processes2_over_workers1']:.2f}x | "
                 f"{s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
             )
         lines += ["", "| run | requests | load before/after | p50 | stages p50 (decode / profile / score) |",

@@ -18,6 +18,7 @@ from typing import Any
 from .errors import InvalidInputError
 
 __all__ = [
+    "DEFAULT_DECODE_PROCESSES",
     "DEFAULT_FFT_THREADS",
     "DEFAULT_GRACE_SECONDS",
     "DEFAULT_HOST",
@@ -46,6 +47,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9108
 DEFAULT_WORKERS = 4
 DEFAULT_FFT_THREADS = 1
+DEFAULT_DECODE_PROCESSES = 0
 DEFAULT_WINDOW_IMAGES = 200
 DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -101,6 +103,14 @@ class Settings:
         default=DEFAULT_FFT_THREADS,
         metadata={
             "help": "FFTW threads per transform (the server scales by running transforms side by side)."
+        },
+    )
+
+    decode_processes: int = field(
+        default=DEFAULT_DECODE_PROCESSES,
+        metadata={
+            "help": "Decode encoded images in this many worker processes instead of the scoring threads (0: "
+            "in-thread). Worth it for decoders that hold the GIL, e.g. JPEG 2000 DICOM."
         },
     )
 
@@ -160,6 +170,8 @@ class Settings:
         for name in ("window_seconds", "grace_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")
+        if self.decode_processes < 0:
+            raise InvalidInputError(f"setting decode_processes must be >= 0, got {self.decode_processes}")
         if not 0 <= self.port <= 65535:
             raise InvalidInputError(f"setting port must be in 0..65535, got {self.port}")
         if not -1 <= self.metrics_port <= 65535:

@@ -592,3 +592,28 @@ def test_json_log_lines_carry_extra_fields_and_tracebacks() -> None:
     assert doc["method"] == "Score" and doc["seconds"] is None and doc["metadata"] == {"site": "A"}
     assert doc["ts"].endswith("+00:00") and "ValueError: boom" in doc["exc"]
     assert "args" not in doc and "levelno" not in doc
+
+
+def test_decode_processes_score_the_same_and_survive_a_dead_decoder(engine: Engine, data_dir: Path) -> None:
+    server, port = build_server(
+        _settings(decode_processes=1, metrics_port=-1), engine, registry=CollectorRegistry()
+    )
+    server.start()
+    path = data_dir / "dicom" / DICOMS[2]
+    try:
+        with ReliabilityClient(f"127.0.0.1:{port}", timeout=120) as client:
+            r = client.score_file(path)
+            local = engine.score_path(path)
+            assert r.cluster == local.result.cluster
+            assert r.novelty == pytest.approx(local.result.novelty)
+            err = _rpc_error(client.score_bytes, GARBAGE, request_id="child")
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # the child's MonitorError came back intact
+            assert err.details().startswith("request child: not a readable image")
+
+            decoders = server.handler.decoders
+            (pid,) = decoders.pids()
+            os.kill(pid, signal.SIGKILL)  # as if a decoder had crashed on a hostile file
+            assert client.score_file(path).cluster == local.result.cluster  # retried on a fresh pool
+            assert decoders.pids() != [pid]
+    finally:
+        server.stop(1)

@@ -25,6 +25,7 @@ from ..metrics import MonitorMetrics
 from ..settings import Settings
 from . import convert
 from ._generated import monitor_pb2 as pb
+from .decoding import DecodePool
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
@@ -68,6 +69,7 @@ class RequestHandler:
         self.metrics = metrics
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
+        self.decoders = DecodePool(settings.decode_processes) if settings.decode_processes else None
         self._admit_lock = threading.Lock()
         self._admitted = 0
         self.engine: Engine | None = None
@@ -85,6 +87,8 @@ class RequestHandler:
         plans exist before the first request instead of adding to its latency.
         """
         self._warm_up(engine)
+        if self.decoders is not None:
+            self.decoders.warm_up()
         s = self.settings
         self.windows = DriftWindows(engine, s.window_images, s.window_seconds)
         self.outcomes = OutcomeLog(s.outcome_cache_size, engine.model.n_clusters)
@@ -105,6 +109,8 @@ class RequestHandler:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        if self.decoders is not None:
+            self.decoders.shutdown()
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -250,6 +256,10 @@ class RequestHandler:
         t0 = time.perf_counter()
         if image.array is not None:
             loaded = engine.load_array(image.array, name=image.name)
+        elif self.decoders is not None:
+            assert image.data is not None
+            loaded = self.decoders.load_bytes(image.data, kind=image.kind, name=image.name,
+                                              max_pixels=engine.max_pixels)  # fmt: skip
         else:
             assert image.data is not None
             loaded = engine.load_bytes(image.data, kind=image.kind, name=image.name)

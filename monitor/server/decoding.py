@@ -1,0 +1,89 @@
+"""Optional decoding of encoded images in worker processes (``--decode-processes N``).
+
+Some decoders hold the GIL for the whole decode: pylibjpeg-openjpeg (JPEG 2000
+DICOM) lets another Python thread run about 10% of the time, so scoring threads
+cannot overlap those decodes (benchmarks/results/server.md). Decoding in processes
+overlaps them, and a decoder that crashes on a hostile file takes down a child
+process, not the server: the pool is rebuilt and the request fails with INTERNAL.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import signal
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+from .. import imaging
+from ..errors import MonitorError
+from ..types import LoadedImage
+
+__all__ = ["DecodePool", "DecoderCrashedError"]
+
+log = logging.getLogger("cxr_monitor.server")
+
+
+class DecoderCrashedError(MonitorError):
+    """A decoder process died while decoding (twice: once on a fresh pool)."""
+
+    code = "internal"
+
+
+def _ignore_sigint() -> None:
+    # Ctrl-C reaches the whole process group; the parent decides when children stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _decode(data: bytes, kind: str | None, name: str, max_pixels: int) -> LoadedImage:
+    return imaging.load_bytes(data, kind=kind, name=name, max_pixels=max_pixels)
+
+
+def _ready() -> bool:
+    return True
+
+
+class DecodePool:
+    """``processes`` spawned decoder processes (spawn, not fork: the parent runs grpc threads)."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._lock = threading.Lock()
+        self._pool = self._new()
+
+    def _new(self) -> ProcessPoolExecutor:
+        return ProcessPoolExecutor(
+            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+        )
+
+    def warm_up(self) -> None:
+        """Start every process and import the decoders before the first request."""
+        for future in [self._pool.submit(_ready) for _ in range(self.processes)]:
+            future.result()
+
+    def load_bytes(self, data: bytes, *, kind: str | None, name: str, max_pixels: int) -> LoadedImage:
+        """Decode in a child process; errors are the ones of :func:`monitor.imaging.load_bytes`."""
+        for attempt in (1, 2):
+            pool = self._pool
+            try:
+                return pool.submit(_decode, data, kind, name, max_pixels).result()
+            except BrokenProcessPool:
+                log.error(
+                    "a decoder process died; starting a new pool", extra={"image": name, "attempt": attempt}
+                )
+                with self._lock:
+                    if self._pool is pool:
+                        self._pool = self._new()
+                pool.shutdown(wait=False, cancel_futures=True)
+        raise DecoderCrashedError(
+            f"{name}: the image decoder process died twice on this image (a decoder crash: the file may be "
+            "malformed or hostile); the server goes on"
+        )
+
+    def pids(self) -> list[int]:
+        """Process ids of the current children (for tests and diagnostics)."""
+        return [p.pid for p in list(self._pool._processes.values())]  # noqa: SLF001
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
