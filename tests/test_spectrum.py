@@ -301,3 +301,21 @@ def test_wisdom_missing_or_garbage(tmp_path: Path) -> None:
     three_parts = tmp_path / "parts.txt"
     three_parts.write_bytes(b"a\n--cxr-monitor-wisdom--\nb\n--cxr-monitor-wisdom--\nc")
     assert load_wisdom(three_parts) is False
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="core gap: accepted configurations such as (64, 4) or (512, 6) fit spectral_slope_mid/high "
+    "through a single band (numpy RankWarning, meaningless slope); the constructor should refuse them",
+)
+@pytest.mark.parametrize(("working_size", "n_bands"), [(64, 4), (512, 6)])
+def test_slopes_are_fitted_on_at_least_two_bands(working_size: int, n_bands: int) -> None:
+    import warnings
+
+    image = np.random.default_rng(10).normal(size=(working_size, working_size))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        try:
+            SpectralProfiler(working_size=working_size, n_bands=n_bands).profile(image)
+        except InvalidInputError:
+            return  # refused up front: fine
