@@ -42,7 +42,9 @@ def _skip_or_fail(msg: str) -> None:
 def _promtool() -> str:
     path = shutil.which("promtool")
     if path is None:
-        _skip_or_fail("promtool not found on PATH: install Debian's prometheus package (scripts/ensure-prometheus.sh)")
+        _skip_or_fail(
+            "promtool not found on PATH: install Debian's prometheus package (scripts/ensure-prometheus.sh)"
+        )
     return str(path)
 
 

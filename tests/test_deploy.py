@@ -300,8 +300,12 @@ def test_compose_services_ports_and_mounts() -> None:
     mounts = _volumes(grafana)
     for host in mounts.values():
         assert (COMPOSE.parent / host).exists(), host
-    assert (COMPOSE.parent / mounts["/etc/grafana/provisioning/datasources"]).resolve() == DS_PROVISIONING.parent
-    assert (COMPOSE.parent / mounts["/etc/grafana/provisioning/dashboards"]).resolve() == DASH_PROVISIONING.parent
+    assert (
+        COMPOSE.parent / mounts["/etc/grafana/provisioning/datasources"]
+    ).resolve() == DS_PROVISIONING.parent
+    assert (
+        COMPOSE.parent / mounts["/etc/grafana/provisioning/dashboards"]
+    ).resolve() == DASH_PROVISIONING.parent
     provider_path = _yaml(DASH_PROVISIONING)["providers"][0]["options"]["path"]
     assert (COMPOSE.parent / mounts[provider_path]).resolve() == DASHBOARD.parent
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
@@ -478,7 +482,9 @@ def test_dockerfile_bakes_the_default_model() -> None:
 
 
 def test_dockerignore_lets_every_copied_source_through() -> None:
-    patterns = [p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in DOCKERIGNORE.read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     assert patterns[0] == "*"  # an allow-list: nothing reaches the build unless listed
     allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
     for stage in _stages():

@@ -84,7 +84,7 @@ class Prom:
 
     def get(self, path: str, **params: str) -> Any:
         url = self.base + path + ("?" + urllib.parse.urlencode(params) if params else "")
-        with urllib.request.urlopen(url, timeout=10) as resp:  # noqa: S310 (loopback only)
+        with urllib.request.urlopen(url, timeout=10) as resp:
             return json.load(resp)
 
     def query(self, expr: str) -> list[dict]:
@@ -97,7 +97,7 @@ class Prom:
         return float(result[0]["value"][1]) if result else None
 
     def ready(self) -> bool:
-        with urllib.request.urlopen(self.base + "/-/ready", timeout=5) as resp:  # noqa: S310
+        with urllib.request.urlopen(self.base + "/-/ready", timeout=5) as resp:
             return resp.status == 200
 
 
@@ -157,7 +157,9 @@ def stack(tmp_path: Path, data_dir: Path) -> Iterator[dict]:
     """A sidecar and a Prometheus scraping it, torn down whatever happens."""
     prometheus = shutil.which("prometheus")
     if prometheus is None:
-        _skip_or_fail("prometheus not found on PATH: install Debian's prometheus package (scripts/ensure-prometheus.sh)")
+        _skip_or_fail(
+            "prometheus not found on PATH: install Debian's prometheus package (scripts/ensure-prometheus.sh)"
+        )
     try:
         import yaml
     except ModuleNotFoundError:
@@ -183,7 +185,10 @@ def stack(tmp_path: Path, data_dir: Path) -> Iterator[dict]:
                 "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
                 "rule_files": [str(rules)],
                 "scrape_configs": [
-                    {"job_name": "cxr-monitor", "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}]}
+                    {
+                        "job_name": "cxr-monitor",
+                        "static_configs": [{"targets": [f"127.0.0.1:{metrics_port}"]}],
+                    }
                 ],
             }
         )
@@ -250,8 +255,13 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
     print(f"\nNIH subset ({n_nih} images): {nih_numbers}")
 
     # The fleet PSI computed in PromQL from the counters equals monitor.drift.psi of the counts.
-    counts = {r["metric"]["cluster"]: float(r["value"][1]) for r in api.query("cxr_monitor_cluster_assignments_total")}
-    ref = {r["metric"]["cluster"]: float(r["value"][1]) for r in api.query("cxr_monitor_reference_cluster_ratio")}
+    counts = {
+        r["metric"]["cluster"]: float(r["value"][1])
+        for r in api.query("cxr_monitor_cluster_assignments_total")
+    }
+    ref = {
+        r["metric"]["cluster"]: float(r["value"][1]) for r in api.query("cxr_monitor_reference_cluster_ratio")
+    }
     order = sorted(ref)
     expected = psi(np.array([counts[c] for c in order]), np.array([ref[c] for c in order]))
     got = api.value("cxr_monitor:cluster_mix_psi:rate15m")
