@@ -95,10 +95,41 @@ def _pct_axis(ax, axis: str = "y") -> None:  # type: ignore[no-untyped-def]
     (ax.yaxis if axis == "y" else ax.xaxis).set_major_formatter(fmt)
 
 
-def _signed_pct_axis(ax) -> None:  # type: ignore[no-untyped-def]
-    from matplotlib.ticker import FuncFormatter
+# Energy ratios with round % labels: -90% ... -2%, 0, +2% ... +900%.
+_RATIO_TICKS = np.array(
+    sorted(
+        {1.0}
+        | {1 - d for d in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 0.9, 0.95, 0.99)}
+        | {1 + d for d in (0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0, 4.0, 9.0, 19.0, 99.0)}
+    )
+)
 
-    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{100 * v:+.0f}%" if v else "0"))
+
+def _ratio_axis(ax) -> None:  # type: ignore[no-untyped-def]
+    """Log-scaled energy-ratio axis labelled as % change, so +300% and -75% look equally far."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
+    ax.set_yscale("log")
+    ax.relim()
+    ax.autoscale_view()  # margins in log space, not those of the earlier linear autoscale
+    lo, hi = ax.get_ylim()
+    lo, hi = min(lo, 0.97), max(hi, 1.03)
+    ax.set_ylim(lo, hi)
+    # Keep ticks at least 1/10 of the axis apart (in log space), walking out from 0%.
+    gap = (np.log(hi) - np.log(lo)) / 10
+    inside = _RATIO_TICKS[(_RATIO_TICKS >= lo) & (_RATIO_TICKS <= hi)]
+    ticks = [1.0]
+    for side in (inside[inside > 1], inside[inside < 1][::-1]):
+        last = 0.0
+        for t in side:
+            if abs(np.log(t) - last) >= gap:
+                ticks.append(float(t))
+                last = float(np.log(t))
+    ax.yaxis.set_major_locator(FixedLocator(sorted(ticks)))
+    ax.yaxis.set_minor_locator(NullLocator())
+    ax.yaxis.set_major_formatter(
+        FuncFormatter(lambda v, _: "0" if abs(v - 1) < 1e-9 else f"{100 * (v - 1):+.0f}%")
+    )
 
 
 def _freq_axis(ax, model: ReliabilityModel) -> None:  # type: ignore[no-untyped-def]
@@ -193,12 +224,12 @@ def _band_arrays(model: ReliabilityModel) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _band_change(model: ReliabilityModel, cluster: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-band energy change vs the reference, with the 95% interval of the cluster mean."""
+    """Per-band energy ratio to the reference, with the 95% interval of the cluster mean."""
     idx, _ = _band_arrays(model)
     diff = cluster_raw_means(model)[cluster, idx] - model.clusterer.mean_[idx]
     n = max(int(model.rates.counts_[cluster]), 1)
     se = model.clusterer.scale_[idx] * np.asarray(model.cluster_feature_std)[cluster, idx] / np.sqrt(n)
-    return 10.0**diff - 1.0, 10.0 ** (diff - 1.96 * se) - 1.0, 10.0 ** (diff + 1.96 * se) - 1.0
+    return 10.0**diff, 10.0 ** (diff - 1.96 * se), 10.0 ** (diff + 1.96 * se)
 
 
 def profiles_figure(model: ReliabilityModel) -> Figure:
@@ -216,14 +247,14 @@ def profiles_figure(model: ReliabilityModel) -> Figure:
         a.plot(centres, means[c, idx], color=colours[c], lw=1.3, label=f"C{c}")
         change, _, _ = _band_change(model, c)
         b.plot(centres, change, color=colours[c], lw=1.6, marker="o", markersize=2.5, label=f"C{c}")
-    b.axhline(0, color=_REFERENCE_COLOUR, lw=1.2)
+    b.axhline(1.0, color=_REFERENCE_COLOUR, lw=1.2)
     for ax in (a, b):
         _freq_axis(ax, model)
         _style_axes(ax)
     a.set_ylabel("log10 energy fraction", fontsize=_FONT["label"])
     a.set_title("Mean spectrum of each cluster", fontsize=_FONT["title"], loc="left")
     b.set_ylabel("energy vs reference", fontsize=_FONT["label"])
-    _signed_pct_axis(b)
+    _ratio_axis(b)
     b.set_title("Energy change per band vs reference", fontsize=_FONT["title"], loc="left")
     a.legend(fontsize=_FONT["small"], frameon=False, ncols=2 if k > 4 else 1)
     return fig
@@ -252,9 +283,9 @@ def cluster_profile_figure(model: ReliabilityModel, cluster: int) -> Figure:
     change, lo, hi = _band_change(model, cluster)
     b.fill_between(centres, lo, hi, color=colour, alpha=0.25, linewidth=0, label="95% interval of mean")
     b.plot(centres, change, color=colour, lw=1.6, marker="o", markersize=2.5, label=f"cluster {cluster}")
-    b.axhline(0, color=_REFERENCE_COLOUR, lw=1.2)
+    b.axhline(1.0, color=_REFERENCE_COLOUR, lw=1.2)
     b.set_ylabel("energy vs reference", fontsize=_FONT["label"])
-    _signed_pct_axis(b)
+    _ratio_axis(b)
     b.set_title("Energy change per band", fontsize=_FONT["title"], loc="left")
     b.legend(fontsize=_FONT["small"], frameon=False)
     for ax in (a, b):
@@ -522,7 +553,8 @@ def thumbnails_figure(
                     s.set_visible(True)
                     s.set_color(BLIND_SPOT_COLOUR)
                     s.set_linewidth(2.0)
-            short = name if len(name) <= 18 else name[:8] + "…" + name[-8:]
+            base = Path(name).name
+            short = base if len(base) <= 20 else base[:9] + "…" + base[-9:]
             ax.set_title(short, fontsize=6.0, pad=2)
     fig.suptitle(
         f"Cluster {cluster}: typical = nearest the centre; failures = the {len(thumbnails.failures)} of "

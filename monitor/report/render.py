@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 FORMATS = ("html", "md")
+_MAX_FINDINGS = 5  # bullets per cluster; the full feature table follows in the section
 
 
 # --------------------------------------------------------------------------- formatting
@@ -650,10 +651,13 @@ def render_html(report: Report) -> str:
         h.append(f"<p>{_e(s.description.summary)}</p>")
         if s.description.findings:
             h.append("<ul>")
-            for f in s.description.findings:
+            for f in s.description.findings[:_MAX_FINDINGS]:
                 h.append(
                     f'<li><b>{_e(f.change)}</b>: {_e(f.meaning)} <span class="z">({f.z:+.2f} SD)</span></li>'
                 )
+            extra = len(s.description.findings) - _MAX_FINDINGS
+            if extra > 0:
+                h.append(f'<li class="note">… {extra} smaller differences (see the feature table below)</li>')
             h.append("</ul>")
         if s.highlights:
             h.append("<p>Over-represented metadata:</p><ul>")
@@ -781,7 +785,11 @@ def render_markdown(report: Report, files_dir: str) -> tuple[str, dict[str, byte
             s.description.summary,
             "",
         ]
-        md += [f"- **{f.change}**: {f.meaning} ({f.z:+.2f} SD)" for f in s.description.findings]
+        md += [
+            f"- **{f.change}**: {f.meaning} ({f.z:+.2f} SD)" for f in s.description.findings[:_MAX_FINDINGS]
+        ]
+        if len(s.description.findings) > _MAX_FINDINGS:
+            md.append(f"- … {len(s.description.findings) - _MAX_FINDINGS} smaller differences")
         if s.highlights:
             md += ["", "Over-represented metadata:", ""] + [f"- {x}" for x in s.highlights[:5]]
         md += ["", img(s.profile), ""]
