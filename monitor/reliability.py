@@ -86,7 +86,8 @@ class ClusterFailureRates(BaseEstimator):
     p_value_, q_value_ : ndarray of shape (n_clusters,)
         Fisher exact test of the cluster against the rest, and its BH adjustment.
     blind_spot_ : ndarray of shape (n_clusters,), dtype=bool
-        Clusters whose whole interval lies above the global rate.
+        Clusters whose whole interval lies above the global rate and whose Fisher
+        q-value is below ``fdr``.
     chi2_, chi2_p_, g_p_, cramers_v_ : float
         Overall test of independence of cluster and failure.
     """
@@ -127,7 +128,9 @@ class ClusterFailureRates(BaseEstimator):
                 p[c] = stats.fisher_exact(table).pvalue
         self.p_value_ = p
         self.q_value_ = benjamini_hochberg(p)
-        self.blind_spot_ = self.lower_ > self.global_rate_
+        # A blind spot needs both: its whole credible interval above the global rate, and
+        # enrichment that survives the Benjamini–Hochberg correction across clusters.
+        self.blind_spot_ = (self.lower_ > self.global_rate_) & (self.q_value_ < self.fdr)
         table = np.stack([self.counts_ - self.failures_, self.failures_], axis=1)
         nonempty = table[table.sum(axis=1) > 0]
         if nonempty.shape[0] >= 2 and 0 < f < n:

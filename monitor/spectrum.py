@@ -202,9 +202,9 @@ class SpectralProfiler:
     working_size : int, default=512
         Side of the square working image, in pixels; frequencies are in cycles per
         image over the centre square crop, so images of any native size compare.
-    n_bands : int, default=24
+    n_bands : int, optional
         Number of radial frequency bands (the first is [1, 2) cycles/image, the rest
-        log-spaced up to working_size/2).
+        log-spaced up to working_size/2); default 24, or working_size // 8 when smaller.
     fft_threads : int, default=1
         FFTW threads per transform. Servers scale by running several transforms
         at once instead (see docs/spectral-profile.md for the measurement).
@@ -224,13 +224,15 @@ class SpectralProfiler:
     def __init__(
         self,
         working_size: int = DEFAULT_WORKING_SIZE,
-        n_bands: int = DEFAULT_N_BANDS,
+        n_bands: int | None = None,
         fft_threads: int = 1,
         planner_effort: str = "FFTW_MEASURE",
         wisdom_path: str | os.PathLike | None = None,
     ) -> None:
         if working_size < 64 or working_size % 16:
             raise InvalidInputError(f"working_size must be a multiple of 16 and >= 64, got {working_size}")
+        if n_bands is None:
+            n_bands = min(DEFAULT_N_BANDS, working_size // 8)
         if not 4 <= n_bands <= working_size // 8:
             raise InvalidInputError(f"n_bands must be in [4, {working_size // 8}], got {n_bands}")
         if fft_threads < 1:
@@ -245,6 +247,14 @@ class SpectralProfiler:
         self.planner_effort = planner_effort
         self.wisdom_path = None if wisdom_path is None else str(wisdom_path)
         self._bins = _bins(working_size, n_bands)
+        centers = self._bins.centers
+        n_mid = int(np.sum((centers >= 4) & (centers < working_size / 8)))
+        n_high = int(np.sum(centers >= working_size / 8))
+        if min(n_mid, n_high) < 2:
+            raise InvalidInputError(
+                f"working_size {working_size} with {n_bands} bands leaves {n_mid} band(s) for the mid "
+                f"and {n_high} for the high spectral slope; each needs at least 2 (use more bands)"
+            )
 
     @property
     def feature_names(self) -> tuple[str, ...]:

@@ -181,11 +181,6 @@ def test_novelty_monotone_in_distance(three) -> None:
 
 
 NOT_FITTED = r"this SpectralClusterer is not fitted yet: call fit\(X\) first"
-GMM_BUG = pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="core bug: self._gmm is looked up before transform() checks fitted -> AttributeError '_gmm'",
-)
 
 
 @pytest.mark.parametrize(
@@ -196,9 +191,9 @@ GMM_BUG = pytest.mark.xfail(
         "standardise",
         "to_arrays",
         "to_json",
-        pytest.param("predict", marks=GMM_BUG),
-        pytest.param("predict_proba", marks=GMM_BUG),
-        pytest.param("score_samples", marks=GMM_BUG),
+        "predict",
+        "predict_proba",
+        "score_samples",
     ],
 )
 def test_not_fitted_errors(method: str) -> None:

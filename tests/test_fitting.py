@@ -177,12 +177,6 @@ def test_fit_folder_needs_the_folder(tmp_path: Path) -> None:
         fit_folder(tmp_path / "nowhere", outcomes, tmp_path / "m")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidInputError,
-    reason="core bug: fit_folder(working_size=128) keeps n_bands=24 and fails with 'n_bands must be in "
-    "[4, 16], got 24', a parameter the caller cannot set (same for `cxr-monitor profile --working-size 128`)",
-)
 def test_fit_folder_small_working_size(nih_outcomes, cache_dir: Path, tmp_path: Path) -> None:
     images, outcomes, _ = nih_outcomes
     report = fit_folder(images, outcomes, tmp_path / "m", n_clusters=2, working_size=128, cache_dir=cache_dir)

@@ -103,11 +103,6 @@ def test_no_failures_at_all() -> None:
     assert est.p_value_.tolist() == [1.0, 1.0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core bug: with zero failures global_rate_ = 0 and every lower_ > 0, so blind_spot_ is all True "
-    "(blind_spot_ = lower_ > global_rate_ ignores the Fisher q-value and the unused fdr parameter)",
-)
 def test_no_failures_means_no_blind_spot() -> None:
     est = ClusterFailureRates(n_clusters=2).fit(*_table([30, 30], [0, 0]))
     assert not est.blind_spot_.any()

@@ -303,11 +303,6 @@ def test_wisdom_missing_or_garbage(tmp_path: Path) -> None:
     assert load_wisdom(three_parts) is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="core gap: accepted configurations such as (64, 4) or (512, 6) fit spectral_slope_mid/high "
-    "through a single band (numpy RankWarning, meaningless slope); the constructor should refuse them",
-)
 @pytest.mark.parametrize(("working_size", "n_bands"), [(64, 4), (512, 6)])
 def test_slopes_are_fitted_on_at_least_two_bands(working_size: int, n_bands: int) -> None:
     import warnings
