@@ -1,0 +1,80 @@
+"""The layering of the package: the numeric core stays free of transports and lists what it exports."""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).parents[1] / "monitor"
+CORE = (
+    "errors",
+    "types",
+    "imaging",
+    "spectrum",
+    "clustering",
+    "reliability",
+    "drift",
+    "model",
+    "artifact",
+    "batch",
+    "fitting",
+    "engine",
+)
+FORBIDDEN = ("grpc", "prometheus_client")
+
+
+def test_core_never_imports_transports() -> None:
+    code = (
+        "import monitor.engine, monitor.artifact, monitor.model, monitor.batch, monitor.fitting; import sys; "
+        "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client'))])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_core_source_has_no_transport_import(module: str) -> None:
+    """Static check too, so a lazy import inside a function cannot slip through."""
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        else:
+            continue
+        for name in names:
+            assert name.split(".")[0] not in FORBIDDEN, f"monitor/{module}.py imports {name}"
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_all_lists_existing_names(module: str) -> None:
+    mod = importlib.import_module(f"monitor.{module}")
+    exported = mod.__all__
+    assert exported, f"monitor.{module}.__all__ is empty"
+    assert len(set(exported)) == len(exported)
+    assert list(exported) == sorted(exported)
+    missing = [name for name in exported if not hasattr(mod, name)]
+    assert missing == [], f"monitor.{module}.__all__ names {missing} which do not exist"
+
+
+@pytest.mark.parametrize("module", CORE)
+def test_public_definitions_are_exported(module: str) -> None:
+    """Every public top-level class and function defined in a core module is in its __all__."""
+    mod = importlib.import_module(f"monitor.{module}")
+    tree = ast.parse((PACKAGE / f"{module}.py").read_text())
+    defined = {
+        node.name
+        for node in tree.body
+        if isinstance(node, (ast.ClassDef, ast.FunctionDef)) and not node.name.startswith("_")
+    }
+    assert defined <= set(mod.__all__), (
+        f"monitor.{module}: not in __all__: {sorted(defined - set(mod.__all__))}"
+    )
