@@ -54,6 +54,21 @@ def _load() -> float:
     return round(os.getloadavg()[0], 2)
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its live children (decoder processes), from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        this, parent = int(stat.parent.name), int(fields[1])
+        if this == pid or parent == pid:
+            total += (int(fields[11]) + int(fields[12])) / tick
+    return total
+
+
 class Server:
     """A ``cxr-monitor serve`` subprocess on a free loopback port."""
 
@@ -94,7 +109,7 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q))
 
 
-def drive(address: str, request: Any, clients: int, n_requests: int) -> dict[str, Any]:
+def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[str, Any]:
     """``n_requests`` Score calls shared by ``clients`` threads, each on its own channel."""
     remaining = [n_requests]
     lock = threading.Lock()
@@ -102,7 +117,7 @@ def drive(address: str, request: Any, clients: int, n_requests: int) -> dict[str
     errors: list[str] = []
 
     def worker() -> None:
-        with ReliabilityClient(address, timeout=120) as client:
+        with ReliabilityClient(server.address, timeout=120) as client:
             while True:
                 with lock:
                     if remaining[0] == 0:
@@ -120,12 +135,14 @@ def drive(address: str, request: Any, clients: int, n_requests: int) -> dict[str
 
     load_before = _load()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
+    cpu_before = _cpu_seconds(server.proc.pid)
     start = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
+    cpu = _cpu_seconds(server.proc.pid) - cpu_before
     lat = [s[0] for s in samples]
     work = [t.decode_seconds + t.profile_seconds + t.score_seconds for _, t in samples]
     total = [t.total_seconds for _, t in samples]
@@ -150,6 +167,9 @@ def drive(address: str, request: Any, clients: int, n_requests: int) -> dict[str
         "server_overhead_ratio": (sum(total) - sum(work)) / sum(work),
         "server_overhead_p50_ratio": _percentile(overhead, 50),
         "client_minus_server_p50_seconds": _percentile([a - b for a, b in zip(lat, total, strict=True)], 50),
+        # Cores the server kept busy: ~1 when work is serialised (GIL), up to 2 on 2 free cores.
+        "server_cpu_cores": cpu / wall,
+        "server_cpu_seconds_per_request": cpu / max(len(samples), 1),
         "load_before": load_before,
         "load_after": _load(),
     }
@@ -183,11 +203,11 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
         try:
             for name, request in inputs.items():
                 n = counts[name]
-                drive(server.address, request, 2, 4)  # warm both workers and the channels
+                drive(server, request, 2, 4)  # warm both workers and the channels
                 key = f"{name}/workers={workers}" + (f"+decode_processes={processes}" if processes else "")
-                out["runs"][f"{key}/clients=8"] = drive(server.address, request, 8, n)
+                out["runs"][f"{key}/clients=8"] = drive(server, request, 8, n)
                 if workers == 2:
-                    out["runs"][f"{key}/clients=1"] = drive(server.address, request, 1, max(n // 2, 10))
+                    out["runs"][f"{key}/clients=1"] = drive(server, request, 1, max(n // 2, 10))
                 print(f"done {key}", file=sys.stderr)
         finally:
             server.stop()
@@ -252,14 +272,15 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                 f"{s['throughput_decode_processes2_over_workers1']:.2f}x | "
                 f"{s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
             )
-        lines += ["", "| run | requests | load before/after | p50 | stages p50 (decode / profile / score) |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| run | requests | load before/after | p50 | stages p50 (decode / profile / score) "
+                  "| server CPU cores busy | CPU s/request |", "|---|---|---|---|---|---|---|"]  # fmt: skip
         for key, r in res["runs"].items():
             st = r["stage_p50_seconds"]
             lines.append(
                 f"| {key} | {r['requests']} ({len(r['errors'])} errors) | {r['load_before']:.2f} / "
                 f"{r['load_after']:.2f} | {r['latency_p50_seconds'] * 1e3:.1f} ms | "
-                f"{st['decode'] * 1e3:.1f} / {st['profile'] * 1e3:.1f} / {st['score'] * 1e3:.1f} ms |"
+                f"{st['decode'] * 1e3:.1f} / {st['profile'] * 1e3:.1f} / {st['score'] * 1e3:.1f} ms | "
+                f"{r['server_cpu_cores']:.2f} | {r['server_cpu_seconds_per_request']:.3f} |"
             )
         lines.append("")
     return "\n".join(lines)
