@@ -21,7 +21,7 @@ from monitor.spectrum import SPEC_VERSION, SpectralProfiler
 def _fit(seed: int = 0, calibrate: bool = True) -> tuple[ReliabilityModel, np.ndarray, np.ndarray]:
     """A small model on 3 synthetic groups (the third enriched in failures); returns (model, X, scores)."""
     rng = np.random.default_rng(seed)
-    profiler = SpectralProfiler(working_size=64, n_bands=4)
+    profiler = SpectralProfiler(working_size=64, n_bands=8)
     d = len(profiler.feature_names)
     group = np.repeat(np.arange(3), (150, 90, 50))
     X = rng.normal(size=(3, d))[group] * 8 + rng.normal(size=(group.size, d))

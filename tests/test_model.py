@@ -16,12 +16,12 @@ THRESHOLD = 0.5
 
 
 def synthetic_fit_data(seed: int = 0):
-    """Profiles of 3 well-separated groups (11 features), labels, scores, failures, records.
+    """Profiles of 3 well-separated groups (15 features), labels, scores, failures, records.
 
     Group 2 (the smallest) is where the classifier fails: its score points the wrong way.
     """
     rng = np.random.default_rng(seed)
-    profiler = SpectralProfiler(working_size=64, n_bands=4)
+    profiler = SpectralProfiler(working_size=64, n_bands=8)
     d = len(profiler.feature_names)
     centres = rng.normal(size=(3, d)) * 8
     group = np.repeat(np.arange(3), SIZES)
@@ -150,8 +150,8 @@ def test_score_validation(model: ReliabilityModel, data) -> None:
     _, X, *_ = data
     with pytest.raises(InvalidInputError, match="expected 3 classifier scores, got 2"):
         model.score(X[:3], classifier_scores=[0.1, 0.2])
-    with pytest.raises(InvalidInputError, match="profiles have 10 features, the model expects 11"):
-        model.score(X[:3, :10])
+    with pytest.raises(InvalidInputError, match="profiles have 14 features, the model expects 15"):
+        model.score(X[:3, :14])
     with pytest.raises(
         InvalidInputError, match=r"classifier scores must be finite probabilities in \[0, 1\]"
     ):
@@ -168,7 +168,7 @@ def test_fit_validation(data) -> None:
         ReliabilityModel.fit(X, failures, profiler=profiler, records=records[:3])
     with pytest.raises(InvalidInputError, match="a decision threshold is needed to calibrate scores"):
         ReliabilityModel.fit(X, failures, profiler=profiler, labels=labels, scores=scores)
-    with pytest.raises(InvalidInputError, match="profiles have 11 features, the model expects 31"):
+    with pytest.raises(InvalidInputError, match="profiles have 15 features, the model expects 31"):
         ReliabilityModel.fit(X, failures, profiler=SpectralProfiler())
 
 

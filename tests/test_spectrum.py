@@ -89,6 +89,7 @@ def test_spec_describes_profile(profiler: SpectralProfiler) -> None:
     assert len(spec["band_edges_cycles_per_image"]) == DEFAULT_N_BANDS + 1
 
 
+@pytest.mark.filterwarnings("error")  # e.g. numpy's RankWarning for a slope through one band
 @pytest.mark.parametrize(("working_size", "n_bands"), [(512, 24), (64, 8), (128, 12), (256, 16), (1024, 32)])
 def test_every_band_holds_bins(working_size: int, n_bands: int) -> None:
     p = SpectralProfiler(working_size=working_size, n_bands=n_bands, planner_effort="FFTW_ESTIMATE")
@@ -303,14 +304,18 @@ def test_wisdom_missing_or_garbage(tmp_path: Path) -> None:
     assert load_wisdom(three_parts) is False
 
 
-@pytest.mark.parametrize(("working_size", "n_bands"), [(64, 4), (512, 6)])
-def test_slopes_are_fitted_on_at_least_two_bands(working_size: int, n_bands: int) -> None:
-    import warnings
+@pytest.mark.parametrize(
+    ("working_size", "n_bands", "n_mid", "n_high"), [(64, 4, 1, 1), (64, 6, 1, 3), (512, 6, 3, 1)]
+)
+def test_single_band_slopes_are_refused(working_size: int, n_bands: int, n_mid: int, n_high: int) -> None:
+    with pytest.raises(
+        InvalidInputError,
+        match=rf"working_size {working_size} with {n_bands} bands leaves {n_mid} band\(s\) for the mid and "
+        rf"{n_high} for the high spectral slope; each needs at least 2",
+    ):
+        SpectralProfiler(working_size=working_size, n_bands=n_bands)
 
-    image = np.random.default_rng(10).normal(size=(working_size, working_size))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        try:
-            SpectralProfiler(working_size=working_size, n_bands=n_bands).profile(image)
-        except InvalidInputError:
-            return  # refused up front: fine
+
+@pytest.mark.parametrize(("working_size", "n_bands"), [(64, 8), (128, 16), (256, 24), (512, 24)])
+def test_default_band_count_follows_small_sizes(working_size: int, n_bands: int) -> None:
+    assert SpectralProfiler(working_size=working_size).n_bands == n_bands
