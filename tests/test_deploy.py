@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -464,11 +465,26 @@ def test_dockerfile_exec_form_entrypoint_cmd_and_healthcheck() -> None:
 
 
 def test_dockerfile_installs_the_lock_and_the_package() -> None:
-    runs = " ".join(a for s in _stages() for i, a in s if i == "RUN")
-    assert re.search(r"pip install .*-r requirements\.lock", runs)
-    assert re.search(r"pip install --no-deps \.(\s|$)", runs)
+    runs = [a for s in _stages() for i, a in s if i == "RUN"]
     copies = [a for s in _stages() for i, a in s if i == "COPY"]
     assert any(a.split()[0] == "requirements.lock" for a in copies)
+    assert any(re.search(r"pip install --no-deps \.(\s|$)", r) for r in runs)
+    assert any("pip check" in r for r in runs)
+    # The lock minus the test tools: `grep -v -E '^(names)==' requirements.lock > runtime.lock`.
+    (lock_run,) = [r for r in runs if "requirements.lock" in r]
+    m = re.search(r"grep -v -i -E '\^\(([^)]+)\)==' requirements\.lock > (\S+)", lock_run)
+    assert m, lock_run
+    assert re.search(rf"pip install --no-deps -r {re.escape(m.group(2))}", lock_run)
+    dropped = {n.lower() for n in m.group(1).split("|")}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def name(req: str) -> str:
+        return re.match(r"[A-Za-z0-9_.-]+", req).group().lower()
+
+    assert {name(r) for r in project["optional-dependencies"]["test"]} <= dropped
+    assert not {name(r) for r in project["dependencies"]} & dropped, "a runtime dependency is dropped"
+    locked = {name(line) for line in (REPO / "requirements.lock").read_text().splitlines() if "==" in line}
+    assert dropped <= locked, f"not in the lock: {sorted(dropped - locked)}"
 
 
 def test_dockerfile_bakes_the_default_model() -> None:
