@@ -319,3 +319,41 @@ def test_single_band_slopes_are_refused(working_size: int, n_bands: int, n_mid: 
 @pytest.mark.parametrize(("working_size", "n_bands"), [(64, 8), (128, 16), (256, 24), (512, 24)])
 def test_default_band_count_follows_small_sizes(working_size: int, n_bands: int) -> None:
     assert SpectralProfiler(working_size=working_size).n_bands == n_bands
+
+
+_PROCESS_SCRIPT = """
+import hashlib, sys
+import numpy as np
+from monitor.spectrum import SpectralProfiler
+images = [np.random.default_rng(s).normal(size=(700, 650)).cumsum(axis=0) for s in range(3)]
+kwargs = {} if sys.argv[1] == "default" else {"planner_effort": sys.argv[1]}
+p = SpectralProfiler(**kwargs)
+print(hashlib.sha256(b"".join(p.profile(im).tobytes() for im in images)).hexdigest())
+"""
+
+
+def _profiles_in_processes(effort: str, n: int = 3) -> set[str]:
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _PROCESS_SCRIPT, effort], stdout=subprocess.PIPE, text=True)
+        for _ in range(n)
+    ]
+    outs = [p.communicate(timeout=120)[0].strip() for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    return set(outs)
+
+
+def test_estimate_plans_agree_across_processes() -> None:
+    assert len(_profiles_in_processes("FFTW_ESTIMATE", n=2)) == 1
+
+
+@pytest.mark.xfail(
+    strict=False,  # the plan FFTW_MEASURE picks depends on timings: some runs agree by chance
+    reason="core bug: with the default FFTW_MEASURE each process times candidate algorithms and may pick "
+    "another plan, so the same image gets profiles differing by ~1e-6 between processes (joblib workers, "
+    "refits): models/default rebuilds to a different model_id and arrays.npz",
+)
+def test_default_profiles_agree_across_processes() -> None:
+    assert len(_profiles_in_processes("default")) == 1
