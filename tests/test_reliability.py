@@ -281,3 +281,14 @@ def test_calibrator_validation() -> None:
     cal.fit(s, y, m)
     with pytest.raises(InvalidInputError, match="memberships must have 2 columns, got 3"):
         cal.predict_failure(s, np.ones((100, 3)) / 3)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AttributeError,
+    reason="core bug: ClusterCalibrator.to_json does not check fitted: AttributeError 'coef_' "
+    "instead of NotFittedError (ClusterFailureRates.to_json does check)",
+)
+def test_calibrator_to_json_before_fit() -> None:
+    with pytest.raises(NotFittedError, match="this ClusterCalibrator is not fitted yet"):
+        ClusterCalibrator().to_json()
