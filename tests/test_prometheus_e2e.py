@@ -9,8 +9,9 @@ the image-count guards lowered to what the test sends; thresholds are unchanged.
    default model was fitted on all 621 NIH images, so these are not held out; they
    check that the rules stay quiet on reference-like traffic, not generalisation.
    CXRMonitorDrift and CXRMonitorNoveltySurge must never be pending or firing.
-2. Drifted traffic: Kermany paediatric radiographs (different population, scanners,
-   224x224 JPEG). CXRMonitorDrift must fire, from the replica's window and fleet-wide.
+2. Drifted traffic: the first 150 Kermany test images in sorted order (paediatric
+   radiographs, NORMAL folder: another population, scanners and 224x224 JPEG).
+   CXRMonitorDrift must fire, from the replica's window and fleet-wide.
 
 Also checked on the live server: the fleet PSI computed in PromQL equals
 monitor.drift.psi of the scraped counters, and every dashboard query is valid PromQL.
@@ -43,7 +44,7 @@ from monitor.drift import psi
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "cxr-monitor.json"
-NIH_EVERY = 4  # every 4th NIH image (155 of 621)
+NIH_EVERY = 4  # every 4th NIH image (156 of 621)
 KERMANY_LIMIT = 150
 WINDOW_IMAGES = 100
 
