@@ -51,7 +51,8 @@ def read_outcomes(path: str | os.PathLike, threshold: float | None = None) -> Ou
     """Read and validate an outcomes CSV (see the module docstring)."""
     path = Path(path)
     try:
-        with path.open(newline="") as fh:
+        # utf-8-sig: spreadsheet programs write a byte-order mark before the header.
+        with path.open(newline="", encoding="utf-8-sig") as fh:
             reader = csv.DictReader(fh)
             columns = reader.fieldnames or []
             rows = list(reader)
@@ -67,6 +68,13 @@ def read_outcomes(path: str | os.PathLike, threshold: float | None = None) -> Ou
         raise InvalidInputError(f"{path}: needs a 'failure' column, or 'label' and 'score' columns")
     if not rows:
         raise InvalidInputError(f"{path}: the outcomes table has no rows")
+    for i, r in enumerate(rows, start=2):
+        missing = [c for c in columns if r.get(c) is None]
+        if missing:
+            raise InvalidInputError(
+                f"{path}: row {i}: {len(columns) - len(missing)} fields for {len(columns)} columns "
+                f"(no value for {', '.join(repr(c) for c in missing)})"
+            )
     images, seen = [], set()
     for i, r in enumerate(rows, start=2):
         name = (r.get("image") or "").strip()

@@ -276,10 +276,13 @@ class ClusterCalibrator(BaseEstimator):
             )
         return scores, memberships
 
-    def predict_positive(self, scores: Any, memberships: Any) -> np.ndarray:
-        """Calibrated probability that the true label is positive."""
+    def _check_fitted(self) -> None:
         if not hasattr(self, "coef_"):
             raise NotFittedError("this ClusterCalibrator is not fitted yet: call fit first")
+
+    def predict_positive(self, scores: Any, memberships: Any) -> np.ndarray:
+        """Calibrated probability that the true label is positive."""
+        self._check_fitted()
         scores, memberships = self._check(scores, memberships)
         if memberships.shape[1] != self.n_clusters_:
             raise InvalidInputError(
@@ -295,6 +298,7 @@ class ClusterCalibrator(BaseEstimator):
         return np.where(decided_positive, 1.0 - positive, positive)
 
     def to_json(self) -> dict[str, Any]:
+        self._check_fitted()
         return {
             "params": self.get_params(),
             "coef": [float(c) for c in self.coef_],

@@ -208,7 +208,10 @@ class SpectralProfiler:
     fft_threads : int, default=1
         FFTW threads per transform. Servers scale by running several transforms
         at once instead (see docs/spectral-profile.md for the measurement).
-    planner_effort : {"FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT"}, default="FFTW_MEASURE"
+    planner_effort : {"FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT"}, default="FFTW_ESTIMATE"
+        ``FFTW_ESTIMATE`` picks the algorithm by heuristics, so every process computes
+        bit-identical profiles; the measuring efforts time candidates and may pick
+        another algorithm per process (profiles then differ by ~1e-6 between runs).
     wisdom_path : str, optional
         FFTW wisdom file: read before the first plan of each process, rewritten
         when a plan had to be measured. Not part of the profile specification.
@@ -226,7 +229,7 @@ class SpectralProfiler:
         working_size: int = DEFAULT_WORKING_SIZE,
         n_bands: int | None = None,
         fft_threads: int = 1,
-        planner_effort: str = "FFTW_MEASURE",
+        planner_effort: str = "FFTW_ESTIMATE",
         wisdom_path: str | os.PathLike | None = None,
     ) -> None:
         if working_size < 64 or working_size % 16:

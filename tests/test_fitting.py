@@ -183,23 +183,11 @@ def test_fit_folder_small_working_size(nih_outcomes, cache_dir: Path, tmp_path: 
     assert report.model.profiler.working_size == 128
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="core bug: a row with fewer fields than the header gives None values and _parse_01 crashes "
-    "with AttributeError 'NoneType' object has no attribute 'strip' instead of InvalidInputError",
-)
 def test_short_row_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"row 2: .*'failure'"):
         read_outcomes(_csv(tmp_path / "o.csv", "image,failure\na.png\n"))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=InvalidInputError,
-    reason="core bug: a UTF-8 BOM (Excel 'CSV UTF-8') makes the first column '\\ufeffimage': "
-    "read_outcomes should open the table with encoding='utf-8-sig'",
-)
 def test_utf8_bom_table(tmp_path: Path) -> None:
     path = tmp_path / "o.csv"
     path.write_bytes(b"\xef\xbb\xbfimage,failure\na.png,1\n")

@@ -283,12 +283,6 @@ def test_calibrator_validation() -> None:
         cal.predict_failure(s, np.ones((100, 3)) / 3)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AttributeError,
-    reason="core bug: ClusterCalibrator.to_json does not check fitted: AttributeError 'coef_' "
-    "instead of NotFittedError (ClusterFailureRates.to_json does check)",
-)
 def test_calibrator_to_json_before_fit() -> None:
     with pytest.raises(NotFittedError, match="this ClusterCalibrator is not fitted yet"):
         ClusterCalibrator().to_json()

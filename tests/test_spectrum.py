@@ -349,11 +349,5 @@ def test_estimate_plans_agree_across_processes() -> None:
     assert len(_profiles_in_processes("FFTW_ESTIMATE", n=2)) == 1
 
 
-@pytest.mark.xfail(
-    strict=False,  # the plan FFTW_MEASURE picks depends on timings: some runs agree by chance
-    reason="core bug: with the default FFTW_MEASURE each process times candidate algorithms and may pick "
-    "another plan, so the same image gets profiles differing by ~1e-6 between processes (joblib workers, "
-    "refits): models/default rebuilds to a different model_id and arrays.npz",
-)
 def test_default_profiles_agree_across_processes() -> None:
     assert len(_profiles_in_processes("default")) == 1
