@@ -175,6 +175,53 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
     }
 
 
+def gil_share(fn: Any) -> float:
+    """How much a pure-Python thread progresses while ``fn`` runs, relative to running alone.
+
+    Near 0: ``fn`` holds the GIL (threads cannot overlap it); near 1 or above: it releases it.
+    """
+    fn()  # warm (imports, FFT plans)
+    t0 = time.perf_counter()
+    fn()
+    duration = time.perf_counter() - t0
+
+    def spin_count(during: Any) -> int:
+        stop, count = threading.Event(), [0]
+
+        def spin() -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+            count[0] = n
+
+        t = threading.Thread(target=spin)
+        t.start()
+        during()
+        stop.set()
+        t.join()
+        return count[0]
+
+    alone = spin_count(lambda: time.sleep(duration))
+    return spin_count(fn) / max(alone, 1)
+
+
+def gil_check() -> dict[str, float]:
+    """GIL share of each stage, in this process (engine calls, no server)."""
+    from monitor.cli import default_model_dir
+    from monitor.engine import Engine
+
+    engine = Engine.from_directory(default_model_dir())
+    png = _inputs()["png_1024"].encoded.data
+    dcm = DICOM.read_bytes()
+    png_pixels, dcm_pixels = engine.load_bytes(png).pixels, engine.load_bytes(dcm).pixels
+    return {
+        "decode png_1024": gil_share(lambda: engine.load_bytes(png)),
+        "decode dicom_j2k": gil_share(lambda: engine.load_bytes(dcm)),
+        "profile png_1024": gil_share(lambda: engine.profiler.profile(png_pixels)),
+        "profile dicom_j2k": gil_share(lambda: engine.profiler.profile(dcm_pixels)),
+    }
+
+
 def _inputs() -> dict[str, Any]:
     buf = io.BytesIO()
     Image.open(PNG_SOURCE).save(buf, format="PNG")
@@ -235,6 +282,7 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
             / eight_w1["throughput_per_second"],
         }
     out["summary"] = summary
+    out["gil_share"] = gil_check()
     out["machine"]["load_at_end"] = list(os.getloadavg())
     return out
 
@@ -250,6 +298,9 @@ def _markdown(results: list[dict[str, Any]]) -> str:
         "for a worker. Scaling = throughput with 2 worker threads (optionally + 2 decoder processes) / 1 worker",
         "thread, 8 clients.",
         "Other engineers use this machine at the same time: the 1-minute load average is given per run.",
+        "Read the scaling columns together with 'server CPU cores busy': when the load average is well above",
+        "2 the server cannot get two cores, and throughput ratios then measure the scheduler, not the server.",
+        "'CPU s/request' does not depend on contention.",
         "",
     ]
     for i, res in enumerate(results, 1):
@@ -282,6 +333,10 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                 f"{st['decode'] * 1e3:.1f} / {st['profile'] * 1e3:.1f} / {st['score'] * 1e3:.1f} ms | "
                 f"{r['server_cpu_cores']:.2f} | {r['server_cpu_seconds_per_request']:.3f} |"
             )
+        if "gil_share" in res:
+            lines += ["", "GIL check (a pure-Python thread's progress while the stage runs, relative to alone; "
+                      "near 0 = the stage holds the GIL, so worker threads cannot overlap it): "
+                      + ", ".join(f"{k} {v:.2f}" for k, v in res["gil_share"].items())]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 
