@@ -85,5 +85,10 @@ def test_intensity_statistics_and_thumbnail() -> None:
     assert t.shape == (64,)
     # Centre crop columns 16..79, averaged in blocks of 8: block means 19.5, 27.5, ... in units of 255.
     np.testing.assert_allclose(t.reshape(8, 8)[0], (np.arange(8) * 8 + 16 + 3.5) / 255, rtol=1e-5)
+    # Non-divisible size: exact area weights (3 pixels onto 2: weights 1, 0.5 | 0.5, 1).
+    cols = np.tile(np.arange(3, dtype=np.float32), (3, 1))
+    np.testing.assert_allclose(
+        thumbnail(cols, size=2, max_value=1.0).reshape(2, 2)[0], [1 / 3, 5 / 3], rtol=1e-6
+    )
     with pytest.raises(ValueError, match="must be \\(n, m\\) and \\(N, m\\)"):
         ks_drift_test(np.zeros((3, 2)), np.zeros((5, 3)))
