@@ -30,7 +30,7 @@ from .spectrum import SPEC_VERSION, SpectralProfiler
 
 __all__ = ["FORMAT_VERSION", "load_model", "save_model"]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FILES = ("model.json", "arrays.npz")
 
 

@@ -158,19 +158,42 @@ class MonitorMetrics:
         )
         self.reference_cluster = Gauge(p + "reference_cluster_ratio", "Share of each cluster in the model's "
                                        "reference set (constant).", ["cluster"], **r)  # fmt: skip
+        self.reference_failure = Gauge(
+            p + "reference_failure_ratio",
+            "Mean label-free predicted failure probability over the model's reference set (constant): "
+            "the baseline for the estimated failure rate.",
+            **r,
+        )
+        self.cluster_blind_spot = Gauge(
+            p + "cluster_blind_spot",
+            "1 if the cluster is a blind spot of the model (failure-rate interval above the global rate, "
+            "BH-significant), else 0 (constant).",
+            ["cluster"],
+            **r,
+        )
         self.info = Info("cxr_monitor", "The loaded model and server versions.", **r)
         self.inflight = Gauge(p + "inflight_requests", "RPCs being handled now (streams count once).", **r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the model is loaded and served, else 0.", **r)
         self._drift: _DriftCollector | None = None
 
     def set_model(
-        self, *, model_id: str, spec_version: str, version: str, reference_mix: Iterable[float]
+        self,
+        *,
+        model_id: str,
+        spec_version: str,
+        version: str,
+        reference_mix: Iterable[float],
+        reference_failure_rate: float = float("nan"),
+        blind_spots: Iterable[bool] = (),
     ) -> None:
         """Describe the loaded model and pre-initialise every per-cluster series to 0."""
         self.info.info({"model_id": model_id, "spec_version": spec_version, "version": version})
+        self.reference_failure.set(float(reference_failure_rate))
+        blind = list(blind_spots)
         for c, share in enumerate(reference_mix):
             label = str(c)
             self.reference_cluster.labels(cluster=label).set(float(share))
+            self.cluster_blind_spot.labels(cluster=label).set(float(blind[c]) if c < len(blind) else 0.0)
             self.cluster_assignments.labels(cluster=label)
             for outcome in ("failure", "success"):
                 self.outcomes.labels(cluster=label, outcome=outcome)

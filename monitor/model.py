@@ -132,8 +132,8 @@ class ReliabilityModel:
                 mean[c] = rows.mean(axis=0)
             if len(rows) > 1:
                 std[c] = np.maximum(rows.std(axis=0), 1e-3)
-        novelty, _ = clusterer.novelty(X)
-        ref_novel = float(np.mean(novelty > clusterer.novelty_quantile))
+        _, distance = clusterer.novelty(X)
+        ref_novel = float(np.mean(distance > clusterer.novelty_threshold_))
         model = cls(
             profiler=profiler,
             clusterer=clusterer,
@@ -184,7 +184,7 @@ class ReliabilityModel:
         X = check_profiles(profiles, len(self.feature_names))
         memberships = self.clusterer.predict_proba(X)
         loglik = self.clusterer.score_samples(X)
-        novelty, _ = self.clusterer.novelty(X)
+        novelty, distance = self.clusterer.novelty(X)
         p_cluster, lower, upper = self.rates.predict_failure(memberships)
         p_final = p_cluster.copy()
         method = np.full(X.shape[0], "cluster", dtype=object)
@@ -194,7 +194,9 @@ class ReliabilityModel:
                 raise InvalidInputError(f"expected {X.shape[0]} classifier scores, got {s.shape[0]}")
             known = np.isfinite(s)
             if known.any():
-                p_final[known] = self.calibrator.predict_failure(s[known], memberships[known])
+                p_final[known], lower[known], upper[known] = self.calibrator.predict_failure_interval(
+                    s[known], memberships[known]
+                )
                 method[known] = "calibrated_score"
         Z = self.clusterer.standardise(X)
         hard = memberships.argmax(axis=1)
@@ -211,7 +213,7 @@ class ReliabilityModel:
                     failure_interval=(float(lower[i]), float(upper[i])),
                     reliability=float(1.0 - p_final[i]),
                     novelty=float(novelty[i]),
-                    is_novel=bool(novelty[i] > self.clusterer.novelty_quantile),
+                    is_novel=bool(distance[i] > self.clusterer.novelty_threshold_),
                     log_likelihood=float(loglik[i]),
                     in_blind_spot=bool(self.rates.blind_spot_[hard[i]]),
                     top_features=tuple((names[j], float(dev[i, j])) for j in order),

@@ -236,8 +236,10 @@ class ClusterCalibrator(BaseEstimator):
 
     Attributes
     ----------
-    coef_ : ndarray of shape (2 + 2 * n_clusters,)
+    coef_ : ndarray of shape (1 + 2 * n_clusters,)
     intercept_ : float
+    covariance_ : ndarray of shape (2 + 2 * n_clusters, 2 + 2 * n_clusters)
+        Approximate posterior covariance of (intercept, coef) (Laplace).
     """
 
     _GLOBAL_SCALE = 100.0
@@ -259,10 +261,18 @@ class ClusterCalibrator(BaseEstimator):
         if len(np.unique(labels)) < 2:
             raise InvalidInputError("calibration needs both positive and negative labels")
         lr = LogisticRegression(C=self.C, max_iter=2000)
-        lr.fit(self._design(scores, memberships), labels)
+        design = self._design(scores, memberships)
+        lr.fit(design, labels)
         self.coef_ = lr.coef_.ravel().copy()
         self.intercept_ = float(lr.intercept_[0])
         self.n_clusters_ = memberships.shape[1]
+        # Laplace approximation: the inverse Hessian of the penalised log-likelihood at the
+        # optimum is the covariance of (intercept, coef), which gives each prediction its interval.
+        full = np.hstack([np.ones((design.shape[0], 1)), design])
+        p = 1.0 / (1.0 + np.exp(-(full[:, 1:] @ self.coef_ + self.intercept_)))
+        hessian = (full * (p * (1 - p))[:, None]).T @ full
+        hessian[1:, 1:] += np.eye(design.shape[1]) / self.C
+        self.covariance_ = np.linalg.pinv(hessian)
         return self
 
     def _check(self, scores: Any, memberships: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -293,9 +303,33 @@ class ClusterCalibrator(BaseEstimator):
 
     def predict_failure(self, scores: Any, memberships: Any) -> np.ndarray:
         """Probability that the thresholded decision is wrong, shape (n_samples,)."""
-        positive = self.predict_positive(scores, memberships)
-        decided_positive = np.asarray(scores, dtype=np.float64).ravel() >= self.threshold
-        return np.where(decided_positive, 1.0 - positive, positive)
+        return self.predict_failure_interval(scores, memberships)[0]
+
+    def predict_failure_interval(
+        self, scores: Any, memberships: Any, confidence: float = 0.95
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Failure probability and its interval (Laplace approximation), each shape (n_samples,)."""
+        self._check_fitted()
+        scores, memberships = self._check(scores, memberships)
+        if memberships.shape[1] != self.n_clusters_:
+            raise InvalidInputError(
+                f"memberships must have {self.n_clusters_} columns, got {memberships.shape[1]}"
+            )
+        design = self._design(scores, memberships)
+        eta = design @ self.coef_ + self.intercept_
+        full = np.hstack([np.ones((design.shape[0], 1)), design])
+        se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", full, self.covariance_, full), 0.0))
+        z = stats.norm.ppf(0.5 + confidence / 2)
+
+        def sigmoid(v: np.ndarray) -> np.ndarray:
+            return 1.0 / (1.0 + np.exp(-v))
+
+        positive, pos_lo, pos_hi = sigmoid(eta), sigmoid(eta - z * se), sigmoid(eta + z * se)
+        decided_positive = scores >= self.threshold
+        prob = np.where(decided_positive, 1.0 - positive, positive)
+        lower = np.where(decided_positive, 1.0 - pos_hi, pos_lo)
+        upper = np.where(decided_positive, 1.0 - pos_lo, pos_hi)
+        return prob, lower, upper
 
     def to_json(self) -> dict[str, Any]:
         self._check_fitted()
@@ -304,6 +338,7 @@ class ClusterCalibrator(BaseEstimator):
             "coef": [float(c) for c in self.coef_],
             "intercept": self.intercept_,
             "n_clusters": self.n_clusters_,
+            "covariance": [[float(v) for v in row] for row in self.covariance_],
         }
 
     @classmethod
@@ -312,4 +347,5 @@ class ClusterCalibrator(BaseEstimator):
         est.coef_ = np.asarray(meta["coef"], dtype=np.float64)
         est.intercept_ = float(meta["intercept"])
         est.n_clusters_ = int(meta["n_clusters"])
+        est.covariance_ = np.asarray(meta["covariance"], dtype=np.float64)
         return est

@@ -153,7 +153,9 @@ def test_other_format_version(saved: Path) -> None:
     manifest = json.loads((saved / "manifest.json").read_text())
     manifest["format_version"] = 99
     (saved / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(ArtifactError, match="model format version 99, this cxr-monitor reads 1"):
+    with pytest.raises(
+        ArtifactError, match=f"model format version 99, this cxr-monitor reads {FORMAT_VERSION}"
+    ):
         load_model(saved)
 
 

@@ -30,6 +30,8 @@ EXACT_NAMES = {
     "cxr_monitor_outcomes": "counter",
     "cxr_monitor_predicted_failures_with_outcome": "counter",
     "cxr_monitor_reference_cluster_ratio": "gauge",
+    "cxr_monitor_reference_failure_ratio": "gauge",
+    "cxr_monitor_cluster_blind_spot": "gauge",
     "cxr_monitor": "info",
     "cxr_monitor_inflight_requests": "gauge",
     "cxr_monitor_model_loaded": "gauge",
@@ -67,7 +69,8 @@ def _scored(cluster: int = 1, novel: bool = False, blind: bool = False, p: float
 @pytest.fixture
 def metrics() -> MonitorMetrics:
     m = MonitorMetrics(CollectorRegistry())
-    m.set_model(model_id="cxrm-test", spec_version="1.0", version="0.1.0", reference_mix=[0.5, 0.3, 0.2])
+    m.set_model(model_id="cxrm-test", spec_version="1.0", version="0.1.0", reference_mix=[0.5, 0.3, 0.2],
+                reference_failure_rate=0.25, blind_spots=[False, True, False])  # fmt: skip
     m.watch_windows(lambda: {"count": WindowSnapshot(_report(), outcomes=4, failures=1),
                              "time": WindowSnapshot(_report(0, False), outcomes=0, failures=0)})  # fmt: skip
     return m
@@ -95,6 +98,8 @@ def test_model_series_are_preinitialised(metrics: MonitorMetrics) -> None:
         for outcome in ("failure", "success"):
             assert get("cxr_monitor_outcomes_total", {"cluster": c, "outcome": outcome}) == 0
     assert get("cxr_monitor_reference_cluster_ratio", {"cluster": "1"}) == pytest.approx(0.3)
+    assert get("cxr_monitor_reference_failure_ratio") == pytest.approx(0.25)
+    assert [get("cxr_monitor_cluster_blind_spot", {"cluster": c}) for c in "012"] == [0, 1, 0]
     assert get("cxr_monitor_model_loaded") == 1
     assert get("cxr_monitor_info", {"model_id": "cxrm-test", "spec_version": "1.0", "version": "0.1.0"}) == 1
 

@@ -109,8 +109,14 @@ class MonitorServer:
         m = engine.model
         d = self.handler.description
         assert d is not None
-        self.metrics.set_model(model_id=d.model_id, spec_version=d.spec_version, version=d.server_version,
-                               reference_mix=m.reference_mix)  # fmt: skip
+        self.metrics.set_model(
+            model_id=d.model_id,
+            spec_version=d.spec_version,
+            version=d.server_version,
+            reference_mix=m.reference_mix,
+            reference_failure_rate=m.reference_failure_probability,
+            blind_spots=m.rates.blind_spot_,
+        )
         windows = self.handler.windows
         assert windows is not None
         self.metrics.watch_windows(windows.snapshot)
