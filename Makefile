@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install serve test lint bench clean
+.PHONY: install serve test lint proto bench-server clean
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ lint: install
 test: install lint
 	bash scripts/ensure-prometheus.sh
 	$(BIN)/python -m pytest -q
+
+proto: install
+	$(BIN)/python -m monitor.server.codegen
+
+bench-server: install
+	$(BIN)/python benchmarks/bench_server.py --append
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
