@@ -23,6 +23,7 @@ import gc
 import io
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -186,12 +187,25 @@ def fit_cli(images: Path, outcomes: Path, threshold: float) -> dict[str, Any]:
                 "--json",
             ]
             la = loadavg()
+            ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
             t0 = time.perf_counter()
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             secs = time.perf_counter() - t0
+            ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+            # CPU time of the reaped process tree: what the fit costs independent of how many
+            # other users share the cores (wall time / CPU time ~ 2 on an idle 2-core machine at best).
+            cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
             if proc.returncode != 0:
                 raise SystemExit(f"fit failed ({label}): {proc.stderr[-2000:]}")
-            runs.append({"cache": label, "seconds": secs, "loadavg_before": la, "loadavg_after": loadavg()})
+            runs.append(
+                {
+                    "cache": label,
+                    "seconds": secs,
+                    "cpu_seconds": cpu,
+                    "loadavg_before": la,
+                    "loadavg_after": loadavg(),
+                }
+            )
     return {"command": "cxr-monitor fit --jobs 2 --cache-dir <fresh temp dir> (run twice)", "runs": runs}
 
 
@@ -313,12 +327,18 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     if "fit" in res:
         a("## Fit on the 621 NIH images (targets: cold < 30 s, warm < 3 s)\n")
         a(f"`{res['fit']['command']}`\n")
-        a("| cache | seconds | target | met? | load before → after |")
-        a("|---|---|---|---|---|")
+        a(
+            "`cpu s` = user + system CPU seconds of the CLI process and its reaped workers: the cost "
+            "independent of how busy the shared cores are (on an idle 2-core machine the wall time can be "
+            "as low as about cpu s / 2 for the parallel profiling part and cpu s for the serial rest).\n"
+        )
+        a("| cache | wall seconds | cpu s | target (wall) | met? | load before → after |")
+        a("|---|---|---|---|---|---|")
         for r in res["fit"]["runs"]:
             target = 30.0 if r["cache"] == "cold" else 3.0
             a(
-                f"| {r['cache']} | {r['seconds']:.1f} | < {target:.0f} | {'yes' if r['seconds'] < target else 'NO'} | "
+                f"| {r['cache']} | {r['seconds']:.1f} | {r['cpu_seconds']:.1f} | < {target:.0f} | "
+                f"{'yes' if r['seconds'] < target else 'NO'} | "
                 f"{r['loadavg_before'][0]} → {r['loadavg_after'][0]} |"
             )
         a("")

@@ -607,7 +607,7 @@ def make_figures(out: dict[str, Any], results: Path) -> list[Path]:
             fontsize=10,
         )
         ax.legend(fontsize=8)
-        ax.set_ylim(0, 1)
+        ax.set_ylim(0, min(1.0, float(hi.max()) * 1.25))
 
         ax = axes[row, 1]
         pts = t["calibration_points"]
