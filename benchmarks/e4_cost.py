@@ -63,7 +63,7 @@ __all__ = ["main"]
 DATA = ROOT.parent / "shared" / "data"
 RESULTS = ROOT / "benchmarks" / "results"
 CACHE = Path(os.environ.get("CXR_MONITOR_BENCH_CACHE", Path.home() / ".cache" / "cxr-monitor"))
-SECTIONS = ("stages", "fft", "working_size", "fit_scaling", "parallel")
+SECTIONS = ("stages", "fft", "working_size", "fit_scaling", "parallel", "resample")
 
 
 def _timed(fn: Callable[[], Any], min_seconds: float = 0.01) -> float:
@@ -385,6 +385,88 @@ def parallel(blobs: list[bytes], repeats: int) -> dict[str, Any]:
     return out
 
 
+# --------------------------------------------------------------------------- 6. resample alternatives
+
+
+def _box_strided(x: np.ndarray, f: int) -> np.ndarray:
+    """f x f box mean by adding f strided column slices, then f strided row slices.
+
+    Same result as the profiler's reshape(m, f, m, f).sum(...) up to float32 summation order;
+    numpy reduces a length-f inner axis slowly, strided adds stream through memory.
+    """
+    m = x.shape[0] // f
+    x = x[: m * f, : m * f]
+    r = x[:, 0::f].astype(np.float32, copy=True)
+    for j in range(1, f):
+        r += x[:, j::f]
+    y = r[0::f].copy()
+    for i in range(1, f):
+        y += r[i::f]
+    y *= np.float32(1.0 / (f * f))
+    return y
+
+
+def _working_image_alt(prof: SpectralProfiler, pixels: np.ndarray) -> np.ndarray:
+    """The profiler's _working_image with the strided box sum and single-threaded BLAS."""
+    from threadpoolctl import threadpool_limits
+
+    h, w = pixels.shape
+    s_ = min(h, w)
+    top, left = (h - s_) // 2, (w - s_) // 2
+    x = pixels[top : top + s_, left : left + s_]
+    n = prof.working_size
+    f = s_ // n
+    if f >= 2:
+        x = _box_strided(x, f)
+        s_ = x.shape[0]
+    else:
+        x = np.asarray(x, dtype=np.float32)
+    if s_ != n:
+        a = spectrum._resample_matrix(s_, n)
+        with threadpool_limits(1, user_api="blas"):
+            x = a @ x @ a.T
+    return x
+
+
+def resample_alternatives(cases: dict[str, bytes], repeats: int) -> dict[str, Any]:
+    """Current resample vs the proposed one (strided box sum + BLAS limited to one thread)."""
+    from threadpoolctl import threadpool_limits
+
+    prof = SpectralProfiler()
+    out = {}
+    for name, blob in cases.items():
+        pix = load_bytes(blob).pixels
+        cur, alt = prof._working_image(pix), _working_image_alt(prof, pix)
+        rec: dict[str, list[float]] = {"current": [], "current_blas1": [], "proposed": []}
+        for _ in range(repeats):
+            rec["current"].append(_timed(lambda p=pix: prof._working_image(p)))
+            with threadpool_limits(1, user_api="blas"):
+                rec["current_blas1"].append(_timed(lambda p=pix: prof._working_image(p)))
+            rec["proposed"].append(_timed(lambda p=pix: _working_image_alt(prof, p)))
+        out[name] = {
+            "shape": list(pix.shape),
+            "median_seconds": {k: float(np.median(v)) for k, v in rec.items()},
+            "min_seconds": {k: float(np.min(v)) for k, v in rec.items()},
+            "max_abs_diff_relative": float(
+                np.max(np.abs(cur - alt)) / max(float(np.max(np.abs(cur))), 1e-30)
+            ),
+            "profile_max_abs_diff": float(np.max(np.abs(prof.profile(pix) - _profile_with(prof, pix, alt)))),
+            "loadavg": loadavg(),
+        }
+        print(f"[e4] resample {name}: {out[name]}", file=sys.stderr)
+    return out
+
+
+def _profile_with(prof: SpectralProfiler, pixels: np.ndarray, working: np.ndarray) -> np.ndarray:
+    """Profile computed from a given working image (to see how much the features move)."""
+    orig = prof._working_image
+    prof._working_image = lambda _p: working  # type: ignore[method-assign]
+    try:
+        return prof.profile(pixels)
+    finally:
+        prof._working_image = orig  # type: ignore[method-assign]
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -491,6 +573,28 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
         for k, r in res["parallel"].items():
             kind, w = k.rsplit("_", 1)
             a(f"| {kind} | {w} | {r['images_per_second']:.1f} | {r['loadavg'][0]} |")
+        a("")
+    if "resample" in res:
+        a("## 6. Resample: current vs a proposed change (ms, medians; min in the JSON)\n")
+        a(
+            "`current` = `SpectralProfiler._working_image`; `current_blas1` = the same under "
+            "`threadpoolctl.threadpool_limits(1, 'blas')`; `proposed` = integer-factor box mean by strided "
+            "adds (instead of reshape(m, f, m, f).sum) and the matrix resample with BLAS limited to one "
+            "thread. `max profile diff` = largest absolute change of any profile feature.\n"
+        )
+        a(
+            "| image | shape | current | current, BLAS 1 thread | proposed | speed-up | max rel. diff of working image "
+            "| max profile diff | load |"
+        )
+        a("|---|---|---|---|---|---|---|---|---|")
+        for name, r in res["resample"].items():
+            m = r["median_seconds"]
+            a(
+                f"| {name} | {r['shape'][0]}x{r['shape'][1]} | {1e3 * m['current']:.2f} | "
+                f"{1e3 * m['current_blas1']:.2f} | {1e3 * m['proposed']:.2f} | "
+                f"{m['current'] / m['proposed']:.1f}x | {r['max_abs_diff_relative']:.1e} | "
+                f"{r['profile_max_abs_diff']:.1e} | {r['loadavg'][0]} |"
+            )
         a("")
     if res.get("conclusions"):
         a("## What the data say about the spectrum defaults\n")
@@ -627,6 +731,8 @@ def main(argv: list[str] | None = None) -> int:
         k_fixed = str(chosen[-1]) if chosen else "5"
         r2 = fit_scaling(X, [(n, k_fixed if k == "K" else k, i) for n, k, i in fixed], args.fit_timeout)
         res["fit_scaling"] = {"generator": r1["generator"], "runs": r1["runs"] + r2["runs"]}
+    if "resample" in sections:
+        res["resample"] = resample_alternatives(cases, args.repeats)
     if "parallel" in sections:
         blobs = [(nih / "images" / r["image"]).read_bytes() for r in rows[:40]]
         res["parallel"] = parallel(blobs, max(3, args.repeats // 3))
