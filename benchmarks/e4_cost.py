@@ -653,22 +653,47 @@ def make_figure(res: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = ["decode", "resample", "normalise_window", "fft_working", "features", "blockiness_native", "score"]
+    keys = ["resample", "normalise_window", "fft_working", "features", "blockiness_native"]
     names = list(res["stages"])
-    fig, ax = plt.subplots(figsize=(11, 4.8), constrained_layout=True)
-    left = np.zeros(len(names))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), constrained_layout=True)
     colors = plt.get_cmap("tab10")
+    # Left: the profile's stages in units of the floor (decode + bare native FFT); target <= 1.
+    ax = axes[0]
+    left = np.zeros(len(names))
+    cap = 3.0
     for i, k in enumerate(keys):
-        v = np.array([1e3 * res["stages"][n]["median_seconds"][k] for n in names])
-        ax.barh(names, v, left=left, color=colors(i), label=k)
+        floor = np.array([res["stages"][n]["median_seconds"]["floor_decode_plus_fft"] for n in names])
+        v = np.array([res["stages"][n]["median_seconds"][k] for n in names]) / floor
+        ax.barh(names, v, left=left, color=colors(i + 1), label=k)
         left += v
-    floor = [1e3 * res["stages"][n]["median_seconds"]["floor_decode_plus_fft"] for n in names]
-    ax.scatter(floor, names, marker="|", s=400, color="k", zorder=3, label="floor: decode + bare native FFT")
+    ax.axvline(1.0, color="k", lw=1.5, label="floor = decode + bare native FFT")
+    for y, n in enumerate(names):
+        r = res["stages"][n]["ratio_profile_to_floor"]
+        ax.text(
+            min(left[y] + 0.03, cap - 0.9),
+            y,
+            f"profile/floor {r:.2f}",
+            va="center",
+            fontsize=8,
+            bbox={"facecolor": "white", "alpha": 0.85, "lw": 0},
+        )
+    ax.set_xlim(0, cap + 0.6)
+    ax.set_xlabel(f"profile stages in units of the floor (axis cut at {cap:g})")
+    ax.set_title("profile cost relative to decode + one native FFT (medians)")
+    ax.legend(fontsize=7, loc="upper right")
+    # Right: absolute ms of decode, profile and the bare FFT.
+    ax = axes[1]
+    y = np.arange(len(names))
+    h = 0.27
+    for j, (k, lab) in enumerate(
+        (("decode", "decode"), ("profile_total", "profile"), ("bare_native_fft", "bare native FFT"))
+    ):
+        v = [1e3 * res["stages"][n]["median_seconds"][k] for n in names]
+        ax.barh(y + (j - 1) * h, v, h, color=colors(j if j else 0), label=lab)
+    ax.set_yticks(y, names)
     ax.set_xscale("log")
-    ax.set_xlabel(
-        "ms per image (median; log scale — stacked bars: read segment widths on the log axis with care)"
-    )
-    ax.set_title("E4: per-image cost by stage")
+    ax.set_xlabel("ms per image (median, log scale)")
+    ax.set_title(f"absolute times (load average ~{res['stages'][names[0]]['loadavg'][0]})")
     ax.legend(fontsize=8, loc="lower right")
     fig.savefig(path, dpi=110)
     plt.close(fig)
