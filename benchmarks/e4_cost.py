@@ -476,9 +476,10 @@ def write_markdown(res: dict[str, Any], path: Path) -> None:
     L = ["# E4 — where the cost goes\n"]
     a = L.append
     a(
-        f"`{res['command']}`; load average {res['loadavg_start']} at start, {res['loadavg_end']} at end "
-        "(2 cores shared with other engineers: absolute times are inflated and noisy; ratios measured in "
-        "the same loop are the robust numbers).\n"
+        f"Last run: `{res['command']}` (load average {res['loadavg_start']} at start, {res['loadavg_end']} "
+        "at end). Sections can come from separate runs (`--sections`); every row carries the load average "
+        "when it was measured. 2 cores shared with other engineers: absolute times are inflated and noisy "
+        "at high load; ratios measured in the same loop are the robust numbers.\n"
     )
     if "stages" in res:
         a("## 1. Per-image time by stage (ms, medians)\n")
