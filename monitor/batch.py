@@ -122,12 +122,30 @@ def profile_files(
     """
     paths = [Path(p) for p in paths]
     cache = ProfileCache(cache_dir, profiler) if cache_dir is not None else None
-    tasks = (delayed(_profile_one)(p, profiler, cache, max_pixels) for p in paths)
-    runner = Parallel(n_jobs=jobs, return_as="generator", batch_size=4 if jobs != 1 else 1)
-    ok_paths, rows, metas, errors, hits = [], [], [], [], 0
+    results: list[tuple[np.ndarray | None, dict | None, str | None, bool] | None] = [None] * len(paths)
     bar = tqdm(total=len(paths), desc="profiling", unit="img", disable=not progress, leave=False)
-    for path, (features, meta, error, hit) in zip(paths, runner(tasks), strict=True):
-        bar.update(1)
+    if cache is not None:
+        # Answer cache hits here: starting worker processes costs more than reading a profile.
+        for i, path in enumerate(paths):
+            try:
+                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            except OSError:
+                continue  # the worker reports the read error with its reason
+            if (hit := cache.get(digest)) is not None:
+                results[i] = (hit[0], hit[1], None, True)
+                bar.update(1)
+    todo = [i for i, r in enumerate(results) if r is None]
+    if todo:
+        tasks = (delayed(_profile_one)(paths[i], profiler, cache, max_pixels) for i in todo)
+        n_jobs = 1 if len(todo) < 8 else jobs
+        runner = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=4 if n_jobs != 1 else 1)
+        for i, result in zip(todo, runner(tasks), strict=True):
+            results[i] = result
+            bar.update(1)
+    ok_paths, rows, metas, errors, hits = [], [], [], [], 0
+    for path, result in zip(paths, results, strict=True):
+        assert result is not None
+        features, meta, error, hit = result
         if error is not None:
             errors.append((path, error))
             continue

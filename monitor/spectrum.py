@@ -114,6 +114,24 @@ def _resample_matrix(n_in: int, n_out: int) -> np.ndarray:
     return m.astype(np.float32)
 
 
+def _box_mean(x: np.ndarray, f: int) -> np.ndarray:
+    """Mean over f x f blocks of a square image, float32.
+
+    Strided adds stream through memory; numpy's reduction of a length-f inner axis
+    (``reshape(m, f, m, f).sum``) was 4-13x slower on 1024-2048 px images.
+    """
+    m = x.shape[0] // f
+    x = x[: m * f, : m * f]
+    cols = x[:, 0::f].astype(np.float32, copy=True)
+    for j in range(1, f):
+        cols += x[:, j::f]
+    out = cols[0::f].copy()
+    for i in range(1, f):
+        out += cols[i::f]
+    out *= np.float32(1.0 / (f * f))
+    return out
+
+
 @lru_cache(maxsize=8)
 def _hann2d(n: int) -> np.ndarray:
     w = np.hanning(n + 2)[1:-1]
@@ -296,10 +314,8 @@ class SpectralProfiler:
         n = self.working_size
         f = s // n
         if f >= 2:
-            m = s // f
-            x = x[: m * f, : m * f].reshape(m, f, m, f).sum(axis=3, dtype=np.float32).sum(axis=1)
-            x *= np.float32(1.0 / (f * f))
-            s = m
+            x = _box_mean(x, f)
+            s = x.shape[0]
         else:
             x = np.asarray(x, dtype=np.float32)
         if s != n:
