@@ -3,7 +3,7 @@
 Everything here is a pure function of arrays (no files, no globals), so the experiment scripts
 stay short and ``tests/test_evaluation.py`` can check each helper on a case with a known answer.
 
-- :func:`youden_threshold` — the decision rule of ``models/build_default.py``.
+- :func:`youden_threshold` — the decision rule of ``models/build_default.py`` (re-exported from monitor.reliability).
 - :func:`repeated_stratified_folds`, :func:`out_of_fold` — the out-of-fold fitting loop.
 - :func:`auroc`, :func:`auprc`, :func:`delong_paired`, :func:`bootstrap_auc_difference` — metrics.
 - :func:`concentration` — how unevenly failures fall over the groups of any partition: chi-square
@@ -24,6 +24,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import adjusted_mutual_info_score, average_precision_score, roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
+
+from monitor.reliability import youden_threshold
 
 __all__ = [
     "INTENSITY_FEATURE_NAMES",
@@ -62,24 +64,6 @@ INTENSITY_FEATURE_NAMES: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------- decision rule
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Threshold t maximising TPR - FPR for the rule score >= t (ties: the lowest t).
-
-    Copied from ``models/build_default.py`` (same six lines) so the benchmarks apply the
-    bundled model's rule without importing a script; the benchmarks call it on training
-    folds only, so held-out decisions never see their own labels.
-    """
-    labels = np.asarray(labels)
-    scores = np.asarray(scores, dtype=np.float64)
-    best_t, best_j = 0.5, -np.inf
-    for t in np.unique(scores):
-        pred = scores >= t
-        j = pred[labels == 1].mean() - pred[labels == 0].mean()
-        if j > best_j:
-            best_t, best_j = float(t), j
-    return best_t
 
 
 # --------------------------------------------------------------------------- folds

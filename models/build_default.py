@@ -20,20 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from monitor.fitting import fit_folder
+from monitor.reliability import youden_threshold
 
 HERE = Path(__file__).resolve().parent
 TASK = "abnormal (any NIH finding) vs No Finding; score = max of the 14 CheXNet probabilities"
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Threshold t maximising TPR - FPR for the rule score >= t (ties: the lowest t)."""
-    best_t, best_j = 0.5, -np.inf
-    for t in np.unique(scores):
-        pred = scores >= t
-        j = pred[labels == 1].mean() - pred[labels == 0].mean()
-        if j > best_j:
-            best_t, best_j = float(t), j
-    return best_t
 
 
 def write_outcomes(labels_csv: Path, out_csv: Path) -> float:

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 
 from .errors import InvalidInputError, NotFittedError
 
-__all__ = ["ClusterCalibrator", "ClusterFailureRates", "benjamini_hochberg", "cramers_v"]
+__all__ = ["ClusterCalibrator", "ClusterFailureRates", "benjamini_hochberg", "cramers_v", "youden_threshold"]
 
 
 def benjamini_hochberg(p: Any) -> np.ndarray:
@@ -33,6 +33,24 @@ def benjamini_hochberg(p: Any) -> np.ndarray:
     out = np.empty(n)
     out[order] = np.clip(q, 0, 1)
     return out
+
+
+def youden_threshold(labels: Any, scores: Any) -> float:
+    """Threshold t maximising Youden's J (TPR - FPR) for the rule ``score >= t``; ties: the lowest t.
+
+    The bundled model's decision rule (models/build_default.py) and the benchmarks'.
+    """
+    labels = np.asarray(labels)
+    scores = np.asarray(scores, dtype=np.float64)
+    if labels.shape != scores.shape or not np.isin(labels, (0, 1)).all() or len(np.unique(labels)) < 2:
+        raise InvalidInputError("youden_threshold needs 0/1 labels of both classes, one per score")
+    best_t, best_j = 0.5, -np.inf
+    for t in np.unique(scores):
+        pred = scores >= t
+        j = pred[labels == 1].mean() - pred[labels == 0].mean()
+        if j > best_j:
+            best_t, best_j = float(t), j
+    return best_t
 
 
 def cramers_v(table: np.ndarray) -> float:

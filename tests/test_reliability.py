@@ -286,3 +286,14 @@ def test_calibrator_validation() -> None:
 def test_calibrator_to_json_before_fit() -> None:
     with pytest.raises(NotFittedError, match="this ClusterCalibrator is not fitted yet"):
         ClusterCalibrator().to_json()
+
+
+def test_youden_threshold_known_answer() -> None:
+    from monitor.reliability import youden_threshold
+
+    # Separable at 0.6: every threshold in (0.4, 0.6] gives J = 1; the rule picks the lowest score that does.
+    assert youden_threshold([0, 0, 1, 1], [0.1, 0.4, 0.6, 0.9]) == 0.6
+    # Overlap: t = 0.3 gives TPR 1, FPR 0.5 (J 0.5); t = 0.7 gives TPR 0.5, FPR 0 (J 0.5): ties go low.
+    assert youden_threshold([0, 0, 1, 1], [0.2, 0.5, 0.3, 0.7]) == 0.3
+    with pytest.raises(InvalidInputError, match="needs 0/1 labels of both classes"):
+        youden_threshold([1, 1], [0.2, 0.3])
