@@ -68,6 +68,7 @@ from monitor.batch import default_cache_dir, profile_files  # noqa: E402
 from monitor.clustering import SpectralClusterer  # noqa: E402
 from monitor.drift import SlidingWindow, WindowStats  # noqa: E402
 from monitor.model import ReliabilityModel  # noqa: E402
+from monitor.reliability import youden_threshold  # noqa: E402
 from monitor.spectrum import SpectralProfiler  # noqa: E402
 
 __all__ = ["main"]
@@ -75,17 +76,6 @@ __all__ = ["main"]
 FRACTIONS = (0.1, 0.3, 1.0)
 WINDOW_SIZES = (50, 100)
 ALPHA = 0.05
-
-
-def youden_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
-    """Same rule as models/build_default.py: t maximising TPR - FPR for score >= t (lowest t on ties)."""
-    best_t, best_j = 0.5, -np.inf
-    for t in np.unique(scores):
-        pred = scores >= t
-        j = pred[labels == 1].mean() - pred[labels == 0].mean()
-        if j > best_j:
-            best_t, best_j = float(t), j
-    return best_t
 
 
 def nih_outcomes(data: Path) -> tuple[list[Path], np.ndarray, np.ndarray]:

@@ -198,6 +198,10 @@ class ReliabilityModel:
                     s[known], memberships[known]
                 )
                 method[known] = "calibrated_score"
+        novel = distance > self.clusterer.novelty_threshold_
+        # Outside the reference the measured rates say nothing certain: the interval of a novel
+        # image is the uninformative [0, 1] (its point estimate stays, for ranking).
+        lower[novel], upper[novel] = 0.0, 1.0
         Z = self.clusterer.standardise(X)
         hard = memberships.argmax(axis=1)
         dev = (Z - self.cluster_feature_mean[hard]) / self.cluster_feature_std[hard]
@@ -213,7 +217,7 @@ class ReliabilityModel:
                     failure_interval=(float(lower[i]), float(upper[i])),
                     reliability=float(1.0 - p_final[i]),
                     novelty=float(novelty[i]),
-                    is_novel=bool(distance[i] > self.clusterer.novelty_threshold_),
+                    is_novel=bool(novel[i]),
                     log_likelihood=float(loglik[i]),
                     in_blind_spot=bool(self.rates.blind_spot_[hard[i]]),
                     top_features=tuple((names[j], float(dev[i, j])) for j in order),

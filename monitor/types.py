@@ -89,6 +89,11 @@ class DriftReport:
     max_feature_shift: float
     thresholds: dict[str, float]
     reasons: tuple[str, ...] = ()
+    mix_drift: bool = False
+    novelty_drift: bool = False
+    novelty_p: float = 1.0
+    # False when so many images are novel that the cluster failure rates are extrapolated.
+    failure_estimate_trusted: bool = True
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

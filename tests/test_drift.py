@@ -129,8 +129,24 @@ def test_no_verdict_under_min_images() -> None:
     r = _report(_window([29, 0, 0, 0, 0], n_novel=29))
     assert r.n_images == 29
     assert r.drift is False
-    assert r.reasons == ("fewer than 30 images: no verdict",)
+    assert r.reasons == (
+        "fewer than 30 images: no verdict",
+        "estimated failure rate not trusted: 100.0% of images are outside the reference",
+    )
+    assert not r.mix_drift and not r.novelty_drift and not r.failure_estimate_trusted
     assert r.psi > 1.0  # the statistics are still reported
+
+
+def test_components_and_trust_of_the_failure_estimate() -> None:
+    novel = _report(_window([40, 10, 10, 10, 10], n_novel=40))
+    assert novel.novelty_drift and novel.drift and novel.novelty_p < 1e-3
+    assert not novel.failure_estimate_trusted
+    assert (
+        novel.reasons[-1] == "estimated failure rate not trusted: 50.0% of images are outside the reference"
+    )
+    calm = _report(_window([40, 10, 10, 10, 10], n_novel=1))
+    assert not calm.novelty_drift and calm.failure_estimate_trusted
+    assert calm.mix_drift == calm.drift
 
 
 def test_strongly_shifted_mix_drifts() -> None:
@@ -172,7 +188,10 @@ def test_novelty_drift() -> None:
     r = _report(_window(counts, n_novel=20))
     assert r.drift is True
     assert r.novelty_rate == pytest.approx(0.2)
-    assert r.reasons == ("novel images 20.0% vs 1.0% expected",)
+    assert r.reasons == (
+        "novel images 20.0% vs 1.0% expected",
+        "estimated failure rate not trusted: 20.0% of images are outside the reference",
+    )
     # Above the expected rate but below novelty_rate_min: no drift.
     assert _report(_window(counts, n_novel=4)).drift is False
 
