@@ -25,7 +25,7 @@ from scipy import stats
 from sklearn.metrics import adjusted_mutual_info_score, average_precision_score, roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from monitor.reliability import youden_threshold
+from monitor.reliability import cramers_v, youden_threshold
 
 __all__ = [
     "INTENSITY_FEATURE_NAMES",
@@ -212,16 +212,6 @@ def contingency(groups: Any, failures: Any) -> tuple[np.ndarray, np.ndarray]:
     n = np.bincount(inv, minlength=ids.size)
     f = np.bincount(inv, weights=failures, minlength=ids.size).astype(int)
     return ids, np.stack([n - f, f], axis=1)
-
-
-def cramers_v(table: Any) -> float:
-    """Cramér's V of a contingency table (empty rows and columns dropped; 0 when degenerate)."""
-    t = np.asarray(table, dtype=np.float64)
-    t = t[t.sum(axis=1) > 0][:, t.sum(axis=0) > 0]
-    if min(t.shape) < 2:
-        return 0.0
-    chi2 = stats.chi2_contingency(t, correction=False)[0]
-    return float(np.sqrt(chi2 / t.sum() / (min(t.shape) - 1)))
 
 
 def _chi2_g(table: np.ndarray) -> tuple[float, float, float]:
