@@ -14,7 +14,7 @@ from .artifact import load_model
 from .drift import SlidingWindow
 from .model import ReliabilityModel
 from .spectrum import SpectralProfiler
-from .types import DriftReport, LoadedImage, ScoredImage
+from .types import DriftReport, ImageMeta, LoadedImage, ScoredImage
 
 __all__ = ["Engine"]
 
@@ -68,17 +68,35 @@ class Engine:
     ) -> ScoredImage:
         """Profile and score one decoded image."""
         t0 = time.perf_counter()
-        profile = self.profiler.profile(image.pixels)[None, :]
-        t1 = time.perf_counter()
+        profile = self.profiler.profile(image.pixels)
+        timings = {"decode": decode_seconds, "profile": time.perf_counter() - t0}
+        return self.score_profile(profile, image.meta, classifier_score, timings)
+
+    def score_profile(
+        self,
+        profile: np.ndarray,
+        meta: ImageMeta,
+        classifier_score: float | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> ScoredImage:
+        """Score a profile computed elsewhere (e.g. in a worker process) with this model's spec.
+
+        Parameters
+        ----------
+        profile : ndarray of shape (n_features,)
+        timings : seconds already spent (``decode``, ``profile``); ``score`` is added.
+        """
+        t0 = time.perf_counter()
+        row = np.asarray(profile, dtype=np.float64)[None, :]
         scores = None if classifier_score is None else np.array([classifier_score], dtype=np.float64)
-        result = self.model.score(profile, scores)[0]
-        z = self.model.standardise(profile)[0]
-        t2 = time.perf_counter()
+        result = self.model.score(row, scores)[0]
+        z = self.model.standardise(row)[0]
+        spent = {"decode": 0.0, "profile": 0.0, **(timings or {})}
         return ScoredImage(
             result=result,
-            meta=image.meta,
+            meta=meta,
             z_profile=z,
-            timings={"decode": decode_seconds, "profile": t1 - t0, "score": t2 - t1},
+            timings={**spent, "score": time.perf_counter() - t0},
         )
 
     def score_path(self, path: str | os.PathLike, classifier_score: float | None = None) -> ScoredImage:

@@ -611,6 +611,8 @@ def test_decode_processes_score_the_same_and_survive_a_dead_decoder(engine: Engi
             local = engine.score_path(path)
             assert r.cluster == local.result.cluster
             assert r.novelty == pytest.approx(local.result.novelty)
+            # Profiled in the child with the same plan heuristics: the same bits, the same score.
+            assert r.reliability == local.result.reliability
             err = _rpc_error(client.score_bytes, GARBAGE, request_id="child")
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # the child's MonitorError came back intact
             assert err.details().startswith("request child: not a readable image")

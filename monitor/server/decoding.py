@@ -1,10 +1,12 @@
-"""Optional decoding of encoded images in worker processes (``--decode-processes N``).
+"""Optional decoding and profiling of encoded images in worker processes (``--decode-processes N``).
 
 Some decoders hold the GIL for the whole decode: pylibjpeg-openjpeg (JPEG 2000
 DICOM) lets another Python thread run about 10% of the time, so scoring threads
 cannot overlap those decodes (benchmarks/results/server.md). Decoding in processes
 overlaps them, and a decoder that crashes on a hostile file takes down a child
 process, not the server: the pool is rebuilt and the request fails with INTERNAL.
+The child also computes the spectral profile, so only 31 numbers and the image
+header travel back, not an image-sized array.
 """
 
 from __future__ import annotations
@@ -13,12 +15,16 @@ import logging
 import multiprocessing
 import signal
 import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
+import numpy as np
+
 from .. import imaging
 from ..errors import MonitorError
-from ..types import LoadedImage
+from ..spectrum import SpectralProfiler
+from ..types import ImageMeta
 
 __all__ = ["DecodePool", "DecoderCrashedError"]
 
@@ -36,8 +42,20 @@ def _ignore_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _decode(data: bytes, kind: str | None, name: str, max_pixels: int) -> LoadedImage:
-    return imaging.load_bytes(data, kind=kind, name=name, max_pixels=max_pixels)
+_PROFILERS: dict[tuple[int, int], SpectralProfiler] = {}
+
+
+def _decode_and_profile(
+    data: bytes, kind: str | None, name: str, max_pixels: int, working_size: int, n_bands: int
+) -> tuple[np.ndarray, ImageMeta, float, float]:
+    t0 = time.perf_counter()
+    image = imaging.load_bytes(data, kind=kind, name=name, max_pixels=max_pixels)
+    t1 = time.perf_counter()
+    profiler = _PROFILERS.get((working_size, n_bands))
+    if profiler is None:
+        profiler = _PROFILERS[(working_size, n_bands)] = SpectralProfiler(working_size, n_bands)
+    profile = profiler.profile(image.pixels)
+    return profile, image.meta, t1 - t0, time.perf_counter() - t1
 
 
 def _ready() -> bool:
@@ -62,12 +80,19 @@ class DecodePool:
         for future in [self._pool.submit(_ready) for _ in range(self.processes)]:
             future.result()
 
-    def load_bytes(self, data: bytes, *, kind: str | None, name: str, max_pixels: int) -> LoadedImage:
-        """Decode in a child process; errors are the ones of :func:`monitor.imaging.load_bytes`."""
+    def profile_bytes(
+        self, data: bytes, *, kind: str | None, name: str, max_pixels: int, profiler: SpectralProfiler
+    ) -> tuple[np.ndarray, ImageMeta, float, float]:
+        """Decode and profile in a child process: (profile, header, decode s, profile s).
+
+        Errors are those of :func:`monitor.imaging.load_bytes` and
+        :meth:`monitor.spectrum.SpectralProfiler.profile`.
+        """
+        args = (data, kind, name, max_pixels, profiler.working_size, profiler.n_bands)
         for attempt in (1, 2):
             pool = self._pool
             try:
-                return pool.submit(_decode, data, kind, name, max_pixels).result()
+                return pool.submit(_decode_and_profile, *args).result()
             except BrokenProcessPool:
                 log.error(
                     "a decoder process died; starting a new pool", extra={"image": name, "attempt": attempt}

@@ -254,18 +254,27 @@ class RequestHandler:
                 )
         _check_deadline(remaining, rid, "decoding")
         t0 = time.perf_counter()
-        if image.array is not None:
-            loaded = engine.load_array(image.array, name=image.name)
-        elif self.decoders is not None:
+        if image.array is None and self.decoders is not None:
             assert image.data is not None
-            loaded = self.decoders.load_bytes(image.data, kind=image.kind, name=image.name,
-                                              max_pixels=engine.max_pixels)  # fmt: skip
+            profile, meta, decode, prof = self.decoders.profile_bytes(
+                image.data,
+                kind=image.kind,
+                name=image.name,
+                max_pixels=engine.max_pixels,
+                profiler=engine.profiler,
+            )
+            scored = engine.score_profile(
+                profile, meta, classifier_score, {"decode": decode, "profile": prof}
+            )
         else:
-            assert image.data is not None
-            loaded = engine.load_bytes(image.data, kind=image.kind, name=image.name)
-        decode = time.perf_counter() - t0
-        _check_deadline(remaining, rid, "the spectral profile")
-        scored = engine.score_loaded(loaded, classifier_score, decode)
+            if image.array is not None:
+                loaded = engine.load_array(image.array, name=image.name)
+            else:
+                assert image.data is not None
+                loaded = engine.load_bytes(image.data, kind=image.kind, name=image.name)
+            decode = time.perf_counter() - t0
+            _check_deadline(remaining, rid, "the spectral profile")
+            scored = engine.score_loaded(loaded, classifier_score, decode)
         r = scored.result
         self.windows.add(rid, scored)
         self.outcomes.remember(
