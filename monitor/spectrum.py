@@ -132,6 +132,37 @@ def _box_mean(x: np.ndarray, f: int) -> np.ndarray:
     return out
 
 
+@lru_cache(maxsize=32)
+def _resample_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray]:
+    """The resampling matrix as taps: ``index, weight`` of shape (n_taps, n_out).
+
+    Each output pixel draws on a few neighbouring input pixels, so a sum over the few
+    taps replaces a dense matrix product: no BLAS, whose result depends on its thread
+    count, and a fixed summation order, so a profile is the same bits in every process.
+    """
+    m = _resample_matrix(n_in, n_out)
+    nonzero = m != 0
+    n_taps = int(nonzero.sum(axis=1).max())
+    index = np.zeros((n_taps, n_out), dtype=np.intp)
+    weight = np.zeros((n_taps, n_out), dtype=np.float32)
+    for i in range(n_out):
+        cols = np.flatnonzero(nonzero[i])
+        index[: cols.size, i] = cols
+        index[cols.size :, i] = cols[-1]  # padding taps carry weight 0
+        weight[: cols.size, i] = m[i, cols]
+    return index, weight
+
+
+def _apply_taps(x: np.ndarray, taps: tuple[np.ndarray, np.ndarray], axis: int) -> np.ndarray:
+    """Resample ``x`` along ``axis`` (0: rows, 1: columns) with precomputed taps; float32."""
+    index, weight = taps
+    out = None
+    for idx, w in zip(index, weight, strict=True):
+        term = x[idx, :] * w[:, None] if axis == 0 else x[:, idx] * w[None, :]
+        out = term if out is None else out + term
+    return np.ascontiguousarray(out, dtype=np.float32)
+
+
 @lru_cache(maxsize=8)
 def _hann2d(n: int) -> np.ndarray:
     w = np.hanning(n + 2)[1:-1]
@@ -319,8 +350,7 @@ class SpectralProfiler:
         else:
             x = np.asarray(x, dtype=np.float32)
         if s != n:
-            a = _resample_matrix(s, n)
-            x = a @ x @ a.T
+            x = _apply_taps(_apply_taps(x, _resample_taps(s, n), axis=0), _resample_taps(s, n), axis=1)
         return x
 
     def profile(self, pixels: np.ndarray) -> np.ndarray:

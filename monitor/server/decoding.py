@@ -37,9 +37,14 @@ class DecoderCrashedError(MonitorError):
     code = "internal"
 
 
-def _ignore_sigint() -> None:
+def _init_child() -> None:
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # As in the parent (cli.main): parallelism is across images, so one BLAS thread per
+    # process; with two, the children's small resampling products contended for the 2 cores.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=1)
 
 
 _PROFILERS: dict[tuple[int, int], SpectralProfiler] = {}
@@ -72,7 +77,7 @@ class DecodePool:
 
     def _new(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(
-            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_ignore_sigint
+            self.processes, mp_context=multiprocessing.get_context("spawn"), initializer=_init_child
         )
 
     def warm_up(self) -> None:
