@@ -78,15 +78,15 @@ class BatchResult:
 
 
 def _profile_one(
-    path: Path, profiler: SpectralProfiler, cache: ProfileCache | None, max_pixels: int
+    path: Path, profiler: SpectralProfiler, cache: ProfileCache | None, max_pixels: int, digest: str | None
 ) -> tuple[np.ndarray | None, dict | None, str | None, bool]:
+    """Profile one file the cache did not hold (the caller looked it up, by ``digest``)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         return None, None, f"{path}: cannot read ({exc.strerror})", False
-    digest = hashlib.sha256(data).hexdigest()
-    if cache is not None and (hit := cache.get(digest)) is not None:
-        return hit[0], hit[1], None, True
+    if cache is not None and digest is None:
+        digest = hashlib.sha256(data).hexdigest()
     try:
         image = load_bytes(data, name=str(path), max_pixels=max_pixels)
         del data
@@ -95,7 +95,7 @@ def _profile_one(
         return None, None, str(exc), False
     meta = image.meta.to_dict()
     meta.pop("source", None)
-    if cache is not None:
+    if cache is not None and digest is not None:
         cache.put(digest, features, meta)
     return features, meta, None, False
 
@@ -123,12 +123,13 @@ def profile_files(
     paths = [Path(p) for p in paths]
     cache = ProfileCache(cache_dir, profiler) if cache_dir is not None else None
     results: list[tuple[np.ndarray | None, dict | None, str | None, bool] | None] = [None] * len(paths)
+    digests: list[str | None] = [None] * len(paths)
     bar = tqdm(total=len(paths), desc="profiling", unit="img", disable=not progress, leave=False)
     if cache is not None:
         # Answer cache hits here: starting worker processes costs more than reading a profile.
         for i, path in enumerate(paths):
             try:
-                digest = hashlib.sha256(path.read_bytes()).hexdigest()
+                digest = digests[i] = hashlib.sha256(path.read_bytes()).hexdigest()
             except OSError:
                 continue  # the worker reports the read error with its reason
             if (hit := cache.get(digest)) is not None:
@@ -136,7 +137,7 @@ def profile_files(
                 bar.update(1)
     todo = [i for i, r in enumerate(results) if r is None]
     if todo:
-        tasks = (delayed(_profile_one)(paths[i], profiler, cache, max_pixels) for i in todo)
+        tasks = (delayed(_profile_one)(paths[i], profiler, cache, max_pixels, digests[i]) for i in todo)
         n_jobs = 1 if len(todo) < 8 else jobs
         runner = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=4 if n_jobs != 1 else 1)
         for i, result in zip(todo, runner(tasks), strict=True):

@@ -231,6 +231,10 @@ class ClusterFailureRates(BaseEstimator):
         return est
 
 
+def _sigmoid(v: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-v))
+
+
 def _logit(p: np.ndarray) -> np.ndarray:
     p = np.clip(p, 1e-6, 1 - 1e-6)
     return np.log(p / (1 - p))
@@ -286,8 +290,8 @@ class ClusterCalibrator(BaseEstimator):
         self.n_clusters_ = memberships.shape[1]
         # Laplace approximation: the inverse Hessian of the penalised log-likelihood at the
         # optimum is the covariance of (intercept, coef), which gives each prediction its interval.
-        full = np.hstack([np.ones((design.shape[0], 1)), design])
-        p = 1.0 / (1.0 + np.exp(-(full[:, 1:] @ self.coef_ + self.intercept_)))
+        full, eta = self._linear(design)
+        p = _sigmoid(eta)
         hessian = (full * (p * (1 - p))[:, None]).T @ full
         hessian[1:, 1:] += np.eye(design.shape[1]) / self.C
         self.covariance_ = np.linalg.pinv(hessian)
@@ -308,16 +312,25 @@ class ClusterCalibrator(BaseEstimator):
         if not hasattr(self, "coef_"):
             raise NotFittedError("this ClusterCalibrator is not fitted yet: call fit first")
 
-    def predict_positive(self, scores: Any, memberships: Any) -> np.ndarray:
-        """Calibrated probability that the true label is positive."""
+    def _linear(self, design: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The design with its intercept column, and the linear predictor."""
+        full = np.hstack([np.ones((design.shape[0], 1)), design])
+        return full, design @ self.coef_ + self.intercept_
+
+    def _checked_design(self, scores: Any, memberships: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Validated scores and their design matrix (entry point of every prediction)."""
         self._check_fitted()
         scores, memberships = self._check(scores, memberships)
         if memberships.shape[1] != self.n_clusters_:
             raise InvalidInputError(
                 f"memberships must have {self.n_clusters_} columns, got {memberships.shape[1]}"
             )
-        eta = self._design(scores, memberships) @ self.coef_ + self.intercept_
-        return 1.0 / (1.0 + np.exp(-eta))
+        return scores, self._design(scores, memberships)
+
+    def predict_positive(self, scores: Any, memberships: Any) -> np.ndarray:
+        """Calibrated probability that the true label is positive."""
+        _, design = self._checked_design(scores, memberships)
+        return _sigmoid(self._linear(design)[1])
 
     def predict_failure(self, scores: Any, memberships: Any) -> np.ndarray:
         """Probability that the thresholded decision is wrong, shape (n_samples,)."""
@@ -327,22 +340,11 @@ class ClusterCalibrator(BaseEstimator):
         self, scores: Any, memberships: Any, confidence: float = 0.95
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Failure probability and its interval (Laplace approximation), each shape (n_samples,)."""
-        self._check_fitted()
-        scores, memberships = self._check(scores, memberships)
-        if memberships.shape[1] != self.n_clusters_:
-            raise InvalidInputError(
-                f"memberships must have {self.n_clusters_} columns, got {memberships.shape[1]}"
-            )
-        design = self._design(scores, memberships)
-        eta = design @ self.coef_ + self.intercept_
-        full = np.hstack([np.ones((design.shape[0], 1)), design])
+        scores, design = self._checked_design(scores, memberships)
+        full, eta = self._linear(design)
         se = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", full, self.covariance_, full), 0.0))
         z = stats.norm.ppf(0.5 + confidence / 2)
-
-        def sigmoid(v: np.ndarray) -> np.ndarray:
-            return 1.0 / (1.0 + np.exp(-v))
-
-        positive, pos_lo, pos_hi = sigmoid(eta), sigmoid(eta - z * se), sigmoid(eta + z * se)
+        positive, pos_lo, pos_hi = _sigmoid(eta), _sigmoid(eta - z * se), _sigmoid(eta + z * se)
         decided_positive = scores >= self.threshold
         prob = np.where(decided_positive, 1.0 - positive, positive)
         lower = np.where(decided_positive, 1.0 - pos_hi, pos_lo)

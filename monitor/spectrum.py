@@ -350,7 +350,8 @@ class SpectralProfiler:
         else:
             x = np.asarray(x, dtype=np.float32)
         if s != n:
-            x = _apply_taps(_apply_taps(x, _resample_taps(s, n), axis=0), _resample_taps(s, n), axis=1)
+            taps = _resample_taps(s, n)
+            x = _apply_taps(_apply_taps(x, taps, axis=0), taps, axis=1)
         return x
 
     def profile(self, pixels: np.ndarray) -> np.ndarray:
