@@ -263,8 +263,25 @@ class SpectralClusterer(BaseEstimator):
             Mahalanobis distance to the reference.
         """
         d = self._distance(self._standardise(X))
+        return self._novelty_share(d), d
+
+    def _novelty_share(self, distance: np.ndarray) -> np.ndarray:
         ref = self.reference_distances_
-        return np.searchsorted(ref, d, side="right") / ref.size, d
+        return np.searchsorted(ref, distance, side="right") / ref.size
+
+    def assess(self, X: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Everything scoring needs from one standardisation of X.
+
+        Returns
+        -------
+        Z, memberships, log_likelihood, novelty, distance
+            As :meth:`standardise`, :meth:`predict_proba`, :meth:`score_samples` and
+            :meth:`novelty` would return them.
+        """
+        Z = self._standardise(X)
+        Y = Z @ self.components_.T
+        d = self._distance(Z)
+        return Z, self._gmm.predict_proba(Y), self._gmm.score_samples(Y), self._novelty_share(d), d
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         """Fitted state as plain arrays (for the artifact; no pickle)."""

@@ -182,9 +182,7 @@ class ReliabilityModel:
             How many most-deviating features to report per image.
         """
         X = check_profiles(profiles, len(self.feature_names))
-        memberships = self.clusterer.predict_proba(X)
-        loglik = self.clusterer.score_samples(X)
-        novelty, distance = self.clusterer.novelty(X)
+        Z, memberships, loglik, novelty, distance = self.clusterer.assess(X)
         p_cluster, lower, upper = self.rates.predict_failure(memberships)
         p_final = p_cluster.copy()
         method = np.full(X.shape[0], "cluster", dtype=object)
@@ -202,7 +200,6 @@ class ReliabilityModel:
         # Outside the reference the measured rates say nothing certain: the interval of a novel
         # image is the uninformative [0, 1] (its point estimate stays, for ranking).
         lower[novel], upper[novel] = 0.0, 1.0
-        Z = self.clusterer.standardise(X)
         hard = memberships.argmax(axis=1)
         dev = (Z - self.cluster_feature_mean[hard]) / self.cluster_feature_std[hard]
         names = self.feature_names
