@@ -1,23 +1,33 @@
-"""Speed of the gRPC sidecar on this machine: latency, throughput, server overhead, thread scaling.
+"""Speed of the gRPC sidecar on this machine: latency, throughput, server overhead, scaling.
 
 Runs real ``cxr-monitor serve`` subprocesses on 127.0.0.1 and drives them with
 blocking unary Score calls from 1 or 8 client threads (one channel each), for two
 inputs: a 1024x1024 PNG (an NIH WebP re-encoded in memory) and the 1955x1841
-15-bit JPEG 2000 DICOM. Writes ``benchmarks/results/server.json`` and ``server.md``.
+15-bit JPEG 2000 DICOM. Writes ``benchmarks/results/server.json`` and ``server.md``
+(runs 1-6, made before ``--decode-processes auto`` was the default, are kept in
+``server_runs1-6.*``).
+
+Server configurations, side by side in one run:
+
+* ``default``: the shipped settings (4 worker threads, ``--decode-processes auto``, which is
+  one decoder process per CPU: 2 here);
+* ``1 thread``: ``--workers 1 --decode-processes 0``, one worker thread doing everything;
+* ``2 threads``: ``--workers 2 --decode-processes 0``, to show what threads alone give.
 
 Measured:
 
-* p50/p99 client-side latency and throughput with 1 and 8 concurrent clients (2 workers);
+* p50/p99 client-side latency and throughput with 1 and 8 concurrent clients (default);
 * server overhead = (server total - decode - profile - score) / (decode + profile + score),
   from the per-request server timings of the single-client run (no queueing); the
   8-client figure is also given, where "overhead" includes time queued for a worker;
-* throughput with 2 worker threads / with 1 worker thread, 8 clients (target >= 1.8 on 2 cores), and
-  with 2 worker threads + 2 decoder processes (``--decode-processes 2``) / 1 worker thread;
-* p99 at 8 clients against single-client p50 x 4 (8 clients / 2 cores: the queueing bound).
+* throughput at 8 clients of ``default`` and of ``2 threads`` / ``1 thread`` (target >= 1.8 on 2 cores);
+* p99 at 8 clients against single-client p50 x 4 (8 clients / 2 cores: the queueing bound);
+* CPU seconds per request of the server (with its decoder processes) and of the load generator,
+  which shares the 2 cores.
 
-The machine is shared: the 1-minute load average before and after each run is recorded.
+The machine may be shared: the 1-minute load average before and after each run is recorded.
 
-    .venv/bin/python benchmarks/bench_server.py [--png-requests 160] [--dicom-requests 40]
+    .venv/bin/python benchmarks/bench_server.py [--png-requests 160] [--dicom-requests 40] [--append]
 """
 
 from __future__ import annotations
@@ -72,7 +82,7 @@ def _cpu_seconds(pid: int) -> float:
 class Server:
     """A ``cxr-monitor serve`` subprocess on a free loopback port."""
 
-    def __init__(self, workers: int, decode_processes: int = 0) -> None:
+    def __init__(self, workers: int, decode_processes: int | str = 0) -> None:
         cmd = [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0",
                "--metrics-port", "-1", "--workers", str(workers), "--decode-processes", str(decode_processes),
                "--log-format", "json"]  # fmt: skip
@@ -136,6 +146,7 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
     load_before = _load()
     threads = [threading.Thread(target=worker) for _ in range(clients)]
     cpu_before = _cpu_seconds(server.proc.pid)
+    client_before = os.times()
     start = time.perf_counter()
     for t in threads:
         t.start()
@@ -143,6 +154,8 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
         t.join()
     wall = time.perf_counter() - start
     cpu = _cpu_seconds(server.proc.pid) - cpu_before
+    client_after = os.times()
+    client_cpu = (client_after.user - client_before.user) + (client_after.system - client_before.system)
     lat = [s[0] for s in samples]
     work = [t.decode_seconds + t.profile_seconds + t.score_seconds for _, t in samples]
     total = [t.total_seconds for _, t in samples]
@@ -170,6 +183,7 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
         # Cores the server kept busy: ~1 when work is serialised (GIL), up to 2 on 2 free cores.
         "server_cpu_cores": cpu / wall,
         "server_cpu_seconds_per_request": cpu / max(len(samples), 1),
+        "client_cpu_seconds_per_request": client_cpu / max(len(samples), 1),
         "load_before": load_before,
         "load_after": _load(),
     }
@@ -245,25 +259,26 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
         "inputs": {k: len(v.encoded.data) for k, v in inputs.items()},
         "runs": {},
     }
-    for workers, processes in ((2, 0), (1, 0), (2, 2)):
+    configs = {"default": (4, "auto"), "1 thread": (1, 0), "2 threads": (2, 0)}
+    for config, (workers, processes) in configs.items():
         server = Server(workers, processes)
         try:
             for name, request in inputs.items():
                 n = counts[name]
-                drive(server, request, 2, 4)  # warm both workers and the channels
-                key = f"{name}/workers={workers}" + (f"+decode_processes={processes}" if processes else "")
-                out["runs"][f"{key}/clients=8"] = drive(server, request, 8, n)
-                if workers == 2:
-                    out["runs"][f"{key}/clients=1"] = drive(server, request, 1, max(n // 2, 10))
-                print(f"done {key}", file=sys.stderr)
+                drive(server, request, 2, 4)  # warm every worker, decoder process and channel
+                drive(server, request, 4, 8)
+                out["runs"][f"{name}/{config}/clients=8"] = drive(server, request, 8, n)
+                if config == "default":
+                    out["runs"][f"{name}/{config}/clients=1"] = drive(server, request, 1, max(n // 2, 10))
+                print(f"done {name}/{config}", file=sys.stderr)
         finally:
             server.stop()
     summary = {}
     for name in inputs:
-        one = out["runs"][f"{name}/workers=2/clients=1"]
-        eight = out["runs"][f"{name}/workers=2/clients=8"]
-        eight_w1 = out["runs"][f"{name}/workers=1/clients=8"]
-        eight_dp = out["runs"][f"{name}/workers=2+decode_processes=2/clients=8"]
+        one = out["runs"][f"{name}/default/clients=1"]
+        eight = out["runs"][f"{name}/default/clients=8"]
+        eight_t1 = out["runs"][f"{name}/1 thread/clients=8"]
+        eight_t2 = out["runs"][f"{name}/2 threads/clients=8"]
         summary[name] = {
             "p50_1_client_ms": one["latency_p50_seconds"] * 1e3,
             "p99_1_client_ms": one["latency_p99_seconds"] * 1e3,
@@ -273,13 +288,12 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
             "throughput_8_clients": eight["throughput_per_second"],
             "server_overhead_1_client": one["server_overhead_ratio"],
             "server_overhead_8_clients_incl_queueing": eight["server_overhead_ratio"],
-            "throughput_workers2_over_workers1": eight["throughput_per_second"]
-            / eight_w1["throughput_per_second"],
+            "throughput_default_over_1_thread": eight["throughput_per_second"]
+            / eight_t1["throughput_per_second"],
+            "throughput_2_threads_over_1_thread": eight_t2["throughput_per_second"]
+            / eight_t1["throughput_per_second"],
             "p99_8_clients_over_4x_p50_1_client": eight["latency_p99_seconds"]
             / (4 * one["latency_p50_seconds"]),
-            "throughput_8_clients_decode_processes": eight_dp["throughput_per_second"],
-            "throughput_decode_processes2_over_workers1": eight_dp["throughput_per_second"]
-            / eight_w1["throughput_per_second"],
         }
     out["summary"] = summary
     out["gil_share"] = gil_check()
@@ -292,15 +306,16 @@ def _markdown(results: list[dict[str, Any]]) -> str:
         "# gRPC sidecar speed",
         "",
         "Generated by `benchmarks/bench_server.py` (real `cxr-monitor serve` subprocesses on 127.0.0.1,",
-        "blocking unary Score calls, one channel per client thread, client and server on the same 2 cores).",
-        "Latency is client-side (send to reply). Server overhead = (server total - decode - profile - score)",
-        "/ (decode + profile + score) from the server's own timings; with 8 clients it includes time queued",
-        "for a worker. Scaling = throughput with 2 worker threads (optionally + 2 decoder processes) / 1 worker",
-        "thread, 8 clients.",
-        "Other engineers use this machine at the same time: the 1-minute load average is given per run.",
-        "Read the scaling columns together with 'server CPU cores busy': when the load average is well above",
-        "2 the server cannot get two cores, and throughput ratios then measure the scheduler, not the server.",
-        "'CPU s/request' does not depend on contention.",
+        "blocking unary Score calls, one channel per client thread; the load generator runs on the same",
+        "2 cores as the server). Latency is client-side (send to reply). Server configurations:",
+        "`default` = the shipped settings (4 worker threads, `--decode-processes auto` = 2 decoder",
+        "processes here), `1 thread` = `--workers 1 --decode-processes 0`, `2 threads` =",
+        "`--workers 2 --decode-processes 0`. Scaling = throughput at 8 clients / that of `1 thread`.",
+        "Server overhead = (server total - decode - profile - score) / (decode + profile + score) from the",
+        "server's own timings; with 8 clients it includes time queued for a worker.",
+        "Read throughput together with 'server CPU cores busy' and the load average: when something else",
+        "runs on the machine the server cannot get two cores. Runs 1-6 (before `auto` was the default,",
+        "with 2 worker threads as the measured configuration) are in `server_runs1-6.md`.",
         "",
     ]
     for i, res in enumerate(results, 1):
@@ -310,8 +325,8 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             f"{m['load_at_start'][0]:.2f}, at end {m['load_at_end'][0]:.2f})",
             "",
             "| input | p50 1 client | p99 1 client | thr. 1 client | p50 8 clients | p99 8 clients | thr. 8 clients "
-            "| overhead 1 client | overhead 8 clients (queueing) | scaling 2w/1w | scaling 2w+2 decode proc./1w "
-            "| p99(8) / 4 x p50(1) |",
+            "| overhead 1 client | overhead 8 clients (queueing) | scaling default / 1 thread "
+            "| scaling 2 threads / 1 thread | p99(8) / 4 x p50(1) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in res["summary"].items():
@@ -319,19 +334,21 @@ def _markdown(results: list[dict[str, Any]]) -> str:
                 f"| {name} | {s['p50_1_client_ms']:.1f} ms | {s['p99_1_client_ms']:.1f} ms | "
                 f"{s['throughput_1_client']:.1f}/s | {s['p50_8_clients_ms']:.1f} ms | {s['p99_8_clients_ms']:.1f} ms | "
                 f"{s['throughput_8_clients']:.1f}/s | {s['server_overhead_1_client']:.1%} | "
-                f"{s['server_overhead_8_clients_incl_queueing']:.0%} | {s['throughput_workers2_over_workers1']:.2f}x | "
-                f"{s['throughput_decode_processes2_over_workers1']:.2f}x | "
-                f"{s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
+                f"{s['server_overhead_8_clients_incl_queueing']:.0%} | {s['throughput_default_over_1_thread']:.2f}x | "
+                f"{s['throughput_2_threads_over_1_thread']:.2f}x | {s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
             )
-        lines += ["", "| run | requests | load before/after | p50 | stages p50 (decode / profile / score) "
-                  "| server CPU cores busy | CPU s/request |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "| run | requests | load before/after | p50 | p99 | throughput | stages p50 (decode / profile / "
+                  "score) | server CPU cores busy | server CPU s/request | load generator CPU s/request |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for key, r in res["runs"].items():
             st = r["stage_p50_seconds"]
             lines.append(
                 f"| {key} | {r['requests']} ({len(r['errors'])} errors) | {r['load_before']:.2f} / "
                 f"{r['load_after']:.2f} | {r['latency_p50_seconds'] * 1e3:.1f} ms | "
+                f"{r['latency_p99_seconds'] * 1e3:.1f} ms | {r['throughput_per_second']:.1f}/s | "
                 f"{st['decode'] * 1e3:.1f} / {st['profile'] * 1e3:.1f} / {st['score'] * 1e3:.1f} ms | "
-                f"{r['server_cpu_cores']:.2f} | {r['server_cpu_seconds_per_request']:.3f} |"
+                f"{r['server_cpu_cores']:.2f} | {r['server_cpu_seconds_per_request']:.3f} | "
+                f"{r['client_cpu_seconds_per_request']:.4f} |"
             )
         if "gil_share" in res:
             lines += ["", "GIL check (a pure-Python thread's progress while the stage runs, relative to alone; "

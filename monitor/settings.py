@@ -9,6 +9,7 @@ the default (``DEFAULT_METRICS_PORT``). This is the only module that reads
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,7 @@ __all__ = [
     "LOG_FORMATS",
     "LOG_LEVELS",
     "Settings",
+    "available_cpus",
     "env_name",
 ]
 
@@ -47,7 +49,7 @@ DEFAULT_PORT = 50051
 DEFAULT_METRICS_PORT = 9108
 DEFAULT_WORKERS = 4
 DEFAULT_FFT_THREADS = 1
-DEFAULT_DECODE_PROCESSES = 0
+DEFAULT_DECODE_PROCESSES = "auto"
 DEFAULT_WINDOW_IMAGES = 200
 DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -106,11 +108,13 @@ class Settings:
         },
     )
 
-    decode_processes: int = field(
+    decode_processes: int | str = field(
         default=DEFAULT_DECODE_PROCESSES,
         metadata={
-            "help": "Decode encoded images in this many worker processes instead of the scoring threads (0: "
-            "in-thread). Worth it for decoders that hold the GIL, e.g. JPEG 2000 DICOM."
+            "help": "Processes that decode and profile encoded images, so that decoders holding the GIL "
+            "(JPEG 2000 DICOM) still use every core and a decoder crash kills a child, not the server. "
+            "auto: one per available CPU (affinity and cgroup quota), at most --workers, none on one CPU; "
+            "0: decode in the scoring threads."
         },
     )
 
@@ -170,8 +174,9 @@ class Settings:
         for name in ("window_seconds", "grace_seconds"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")
-        if self.decode_processes < 0:
-            raise InvalidInputError(f"setting decode_processes must be >= 0, got {self.decode_processes}")
+        object.__setattr__(
+            self, "decode_processes", _count_or_auto("decode_processes", self.decode_processes)
+        )
         if not 0 <= self.port <= 65535:
             raise InvalidInputError(f"setting port must be in 0..65535, got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
@@ -184,6 +189,16 @@ class Settings:
             )
         if self.log_level not in LOG_LEVELS:
             raise InvalidInputError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+
+    @property
+    def decode_process_count(self) -> int:
+        """``decode_processes`` with ``auto`` resolved on this machine (0: decode in-thread)."""
+        if self.decode_processes != "auto":
+            return int(self.decode_processes)
+        cpus = available_cpus()
+        # One process per CPU; more processes than workers would never all be busy, and on one
+        # CPU the processes would only add IPC to the same core.
+        return min(cpus, self.workers) if cpus >= 2 else 0
 
     @property
     def address(self) -> str:
@@ -226,7 +241,63 @@ class Settings:
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["model"] = str(self.model)
+        d["decode_process_count"] = self.decode_process_count
         return d
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its affinity mask, capped by a cgroup CPU quota.
+
+    ``os.cpu_count()`` reports the host's CPUs; in a container limited to 2 CPUs on a
+    64-core node that would start 64 processes.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota()
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(cpus, 1)
+
+
+def _cgroup_cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs allowed by the cgroup v2 ``cpu.max`` or v1 CFS quota under ``root``, or None."""
+    candidates = (
+        (root / "cpu.max", None),
+        (root / "cpu" / "cpu.cfs_quota_us", root / "cpu" / "cpu.cfs_period_us"),
+    )
+    for path, period_path in candidates:
+        try:
+            text = path.read_text().split()
+            if period_path is None:
+                quota, period = text[0], text[1]
+            else:
+                quota, period = text[0], period_path.read_text().split()[0]
+        except (OSError, IndexError):
+            continue
+        if quota in ("max", "-1"):
+            return None
+        try:
+            return int(quota) / int(period)
+        except (ValueError, ZeroDivisionError):
+            return None
+    return None
+
+
+def _count_or_auto(name: str, value: int | str) -> int | str:
+    """``auto`` or a whole number >= 0 (given as int or text)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise InvalidInputError(
+            f"setting {name} must be 'auto' or a whole number >= 0, got {value!r}"
+        ) from None
+    if count < 0 or isinstance(value, float):
+        raise InvalidInputError(f"setting {name} must be 'auto' or a whole number >= 0, got {value!r}")
+    return count
 
 
 def env_name(field_name: str) -> str:
@@ -235,6 +306,8 @@ def env_name(field_name: str) -> str:
 
 
 def _parse(f: dataclasses.Field, raw: str) -> Any:
+    if str(f.type) == "int | str":
+        return _count_or_auto(f.name, raw)
     kind = {"Path": Path, "int": int, "float": float, "str": str}[str(f.type)]
     try:
         return kind(raw)

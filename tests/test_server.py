@@ -49,15 +49,18 @@ def engine() -> Engine:
 
 
 def _settings(**kw: object) -> Settings:
+    # In-thread decoding unless a test asks for processes: "auto" would depend on the machine.
     base = dict(host="127.0.0.1", port=0, metrics_port=0, workers=2, max_message_bytes=MAX_MESSAGE_BYTES,
-                max_pixels=MAX_PIXELS, window_images=50, log_format="text")  # fmt: skip
+                max_pixels=MAX_PIXELS, window_images=50, log_format="text", decode_processes=0)  # fmt: skip
     return Settings(**{**base, **kw})
 
 
-@pytest.fixture(scope="module")
-def sidecar(engine: Engine) -> Iterator[tuple]:
+@pytest.fixture(scope="module", params=[0, 2], ids=["in-thread", "decode-processes"])
+def sidecar(engine: Engine, request: pytest.FixtureRequest) -> Iterator[tuple]:
+    """The end-to-end server, once decoding in the scoring threads and once in 2 processes
+    (what ``--decode-processes auto`` gives on 2 CPUs)."""
     registry = CollectorRegistry()
-    server, port = build_server(_settings(), engine, registry=registry)
+    server, port = build_server(_settings(decode_processes=request.param), engine, registry=registry)
     server.start()
     yield server, f"127.0.0.1:{port}", registry
     server.stop(1)
@@ -268,7 +271,7 @@ def test_unexpected_exception_is_internal_and_logged(
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(engine, "score_loaded", broken)
+    monkeypatch.setattr(engine, "score_profile", broken)  # both the in-thread and decode-process paths
     err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[0])
     assert err.code() == grpc.StatusCode.INTERNAL
     assert err.details().startswith("internal error in Score (server log reference ")

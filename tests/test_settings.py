@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from monitor import imaging
+from monitor import imaging, settings
 from monitor.cli import build_parser
 from monitor.errors import InvalidInputError
 from monitor.settings import (
@@ -30,6 +30,56 @@ def test_defaults() -> None:
     assert (s.log_format, s.log_level, s.host) == ("json", "INFO", "0.0.0.0")
     assert s.model == REPO / "models" / "default"
     assert DEFAULT_MAX_PIXELS == imaging.DEFAULT_MAX_PIXELS == s.max_pixels
+    assert s.decode_processes == "auto"
+
+
+@pytest.mark.parametrize(
+    ("cpus", "workers", "value", "expected"),
+    [
+        (2, 4, "auto", 2),  # one process per CPU
+        (8, 4, "auto", 4),  # never more processes than workers could keep busy
+        (1, 4, "auto", 0),  # one CPU: decode in-thread, no IPC
+        (8, 4, "3", 3),  # a number is taken as given, from text (flag, env) or int
+        (8, 4, 0, 0),
+        (2, 4, " AUTO ", 2),
+    ],
+)
+def test_decode_process_count(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, workers: int, value: object, expected: int
+) -> None:
+    monkeypatch.setattr(settings, "available_cpus", lambda: cpus)
+    s = Settings(workers=workers, decode_processes=value)  # type: ignore[arg-type]
+    assert s.decode_process_count == expected
+    assert s.to_dict()["decode_process_count"] == expected
+    assert (
+        Settings.load({}, environ={"CXR_MONITOR_DECODE_PROCESSES": str(value)}).decode_process_count
+        == expected
+    )
+
+
+@pytest.mark.parametrize(
+    ("files", "expected"),
+    [
+        ({"cpu.max": "150000 100000\n"}, 1.5),  # cgroup v2, 1.5 CPUs
+        ({"cpu.max": "max 100000\n"}, None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2.0),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),  # v1, no limit
+        ({"cpu.max": "garbage"}, None),
+        ({}, None),  # no cgroup files (not Linux, or not mounted)
+    ],
+)
+def test_cgroup_cpu_quota(tmp_path: Path, files: dict[str, str], expected: float | None) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert settings._cgroup_cpu_quota(tmp_path) == expected  # noqa: SLF001
+
+
+def test_available_cpus_is_capped_by_the_quota(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings, "_cgroup_cpu_quota", lambda: 1.5)
+    assert settings.available_cpus() == min(2, len(settings.os.sched_getaffinity(0)))
+    monkeypatch.setattr(settings, "_cgroup_cpu_quota", lambda: None)
+    assert settings.available_cpus() == len(settings.os.sched_getaffinity(0))
 
 
 def test_flag_beats_env_beats_default() -> None:
@@ -71,6 +121,14 @@ def test_every_field_has_help_flag_and_env_name() -> None:
         ({"CXR_MONITOR_PORT": "70000"}, "setting port must be in 0..65535, got 70000"),
         ({"CXR_MONITOR_LOG_FORMAT": "xml"}, "setting log_format must be one of ('json', 'text'), got 'xml'"),
         ({"CXR_MONITOR_GRACE_SECONDS": "0"}, "setting grace_seconds must be > 0 seconds, got 0.0"),
+        (
+            {"CXR_MONITOR_DECODE_PROCESSES": "many"},
+            "setting decode_processes must be 'auto' or a whole number >= 0, got 'many'",
+        ),
+        (
+            {"CXR_MONITOR_DECODE_PROCESSES": "-1"},
+            "setting decode_processes must be 'auto' or a whole number >= 0, got '-1'",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:

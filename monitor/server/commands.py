@@ -27,7 +27,7 @@ DEFAULT_ADDRESS = "localhost:50051"  # = monitor.client.DEFAULT_ADDRESS (not imp
 
 log = logging.getLogger("cxr_monitor.server")
 
-_FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str}
+_FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str, "int | str": str}
 
 
 # ---------------------------------------------------------------- serve
@@ -346,7 +346,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         kwargs: dict[str, Any] = {"type": _FLAG_TYPES[str(f.type)], "default": None, "dest": f.name}
         if f.name == "log_format":
             kwargs["choices"] = ("json", "text")
-        metavar = {"model": "MODEL_DIR", "host": "HOST"}.get(f.name)
+        metavar = {"model": "MODEL_DIR", "host": "HOST", "decode_processes": "N|auto"}.get(f.name)
         if metavar:
             kwargs["metavar"] = metavar
         help_text = f.metadata["help"].replace("``", "").replace("%", "%%")

@@ -69,7 +69,8 @@ class RequestHandler:
         self.metrics = metrics
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
-        self.decoders = DecodePool(settings.decode_processes) if settings.decode_processes else None
+        processes = settings.decode_process_count
+        self.decoders = DecodePool(processes) if processes else None
         self._admit_lock = threading.Lock()
         self._admitted = 0
         self.engine: Engine | None = None

@@ -1,0 +1,148 @@
+"""Tests for monitor.server.decoding.DecodePool: results, errors and crashes of decoder processes.
+
+The tasks below run in spawned children, which import this module by name.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.errors import InvalidImageError
+from monitor.server.decoding import DecodePool, DecoderCrashedError, RemoteTracebackError, decode_and_profile
+from monitor.spectrum import SpectralProfiler
+
+
+def echo(*args: object) -> tuple:
+    return (os.getpid(), *args)
+
+
+def fail(kind: str) -> None:
+    if kind == "monitor":
+        raise InvalidImageError("x.png: truncated")
+    if kind == "unpicklable":
+
+        class LocalError(Exception):  # a class pickle cannot find by name
+            pass
+
+        raise LocalError("local detail")
+    raise KeyError("a bug")
+
+
+def crash_unless(marker: str) -> str:
+    """Die like a segfaulting decoder, unless ``marker`` exists; then remove it and succeed."""
+    path = Path(marker)
+    if path.exists():
+        path.unlink()
+        return "survived"
+    os._exit(11)
+
+
+@pytest.fixture
+def pool() -> Iterator[DecodePool]:
+    p = DecodePool(2, task=echo)
+    p.warm_up()
+    yield p
+    p.shutdown()
+
+
+def test_runs_in_the_children_and_spreads_concurrent_calls(pool: DecodePool) -> None:
+    pids: list[int] = []
+    barrier = threading.Barrier(2)
+
+    def call(i: int) -> None:
+        barrier.wait()
+        pid, value = pool.run(i)
+        assert value == i
+        pids.append(pid)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert os.getpid() not in pids
+    assert set(pids) <= set(pool.pids()) and len(pool.pids()) == 2
+
+
+@pytest.mark.parametrize(
+    ("kind", "error", "message", "remote"),
+    [
+        ("monitor", InvalidImageError, "x.png: truncated", False),  # our errors come back as they are
+        ("bug", KeyError, "a bug", True),  # others carry the child's traceback
+        ("unpicklable", RuntimeError, "LocalError: local detail", True),
+    ],
+)
+def test_errors_come_back_and_the_child_stays(
+    kind: str, error: type[Exception], message: str, remote: bool
+) -> None:
+    pool = DecodePool(1, task=fail)
+    try:
+        before = pool.pids()
+        with pytest.raises(error, match=message) as info:
+            pool.run(kind)
+        cause = info.value.__cause__
+        assert isinstance(cause, RemoteTracebackError) == remote
+        if remote:
+            assert "in fail" in str(cause)
+        assert pool.pids() == before  # an error is not a crash
+    finally:
+        pool.shutdown()
+
+
+def test_a_crash_is_retried_once_on_a_fresh_process(tmp_path: Path) -> None:
+    marker = tmp_path / "second-time-lucky"
+    pool = DecodePool(1, task=crash_unless)
+    try:
+        pool.warm_up()
+        (first,) = pool.pids()
+        with pytest.raises(DecoderCrashedError, match="died twice on this image"):
+            pool.run(str(marker))  # crashes twice: no marker
+        assert pool.pids() != [first]
+        marker.touch()
+        assert pool.run(str(marker)) == "survived"  # the pool still serves
+    finally:
+        pool.shutdown()
+
+
+def test_a_child_killed_while_idle_is_replaced(pool: DecodePool) -> None:
+    victim = pool.pids()[0]
+    os.kill(victim, 9)
+    results = [pool.run(i)[1] for i in range(4)]  # every call lands, one of them on the dead child
+    assert results == [0, 1, 2, 3]
+    assert victim not in pool.pids()
+
+
+def test_shutdown_stops_every_child() -> None:
+    pool = DecodePool(2, task=echo)
+    pool.warm_up()
+    processes = [c.process for c in pool._children]  # noqa: SLF001
+    pool.shutdown()
+    assert all(not p.is_alive() for p in processes)
+    assert all(p.exitcode == 0 for p in processes)  # asked to stop, not killed
+
+
+def test_decode_and_profile_matches_the_profiler(png_bytes_small: bytes) -> None:
+    profile, meta, decode_s, profile_s = decode_and_profile(png_bytes_small, None, "a.png", 10**7, 128, 8)
+    assert meta.format == "png" and decode_s >= 0 and profile_s >= 0
+    from monitor.imaging import load_bytes
+
+    expected = SpectralProfiler(128, 8).profile(load_bytes(png_bytes_small).pixels)
+    np.testing.assert_array_equal(profile, expected)
+
+
+@pytest.fixture
+def png_bytes_small() -> bytes:
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (160, 200), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
