@@ -5,6 +5,7 @@ The tasks below run in spawned children, which import this module by name.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from collections.abc import Iterator
@@ -18,11 +19,11 @@ from monitor.server.decoding import DecodePool, DecoderCrashedError, RemoteTrace
 from monitor.spectrum import SpectralProfiler
 
 
-def echo(*args: object) -> tuple:
-    return (os.getpid(), *args)
+def echo(data: bytes, *args: object) -> tuple:
+    return (os.getpid(), len(data), hashlib.sha256(data).hexdigest(), *args)
 
 
-def fail(kind: str) -> None:
+def fail(data: bytes, kind: str) -> None:
     if kind == "monitor":
         raise InvalidImageError("x.png: truncated")
     if kind == "unpicklable":
@@ -34,7 +35,7 @@ def fail(kind: str) -> None:
     raise KeyError("a bug")
 
 
-def crash_unless(marker: str) -> str:
+def crash_unless(data: bytes, marker: str) -> str:
     """Die like a segfaulting decoder, unless ``marker`` exists; then remove it and succeed."""
     path = Path(marker)
     if path.exists():
@@ -57,7 +58,7 @@ def test_runs_in_the_children_and_spreads_concurrent_calls(pool: DecodePool) -> 
 
     def call(i: int) -> None:
         barrier.wait()
-        pid, value = pool.run(i)
+        pid, _, _, value = pool.run(b"", i)
         assert value == i
         pids.append(pid)
 
@@ -85,7 +86,7 @@ def test_errors_come_back_and_the_child_stays(
     try:
         before = pool.pids()
         with pytest.raises(error, match=message) as info:
-            pool.run(kind)
+            pool.run(b"", kind)
         cause = info.value.__cause__
         assert isinstance(cause, RemoteTracebackError) == remote
         if remote:
@@ -102,10 +103,10 @@ def test_a_crash_is_retried_once_on_a_fresh_process(tmp_path: Path) -> None:
         pool.warm_up()
         (first,) = pool.pids()
         with pytest.raises(DecoderCrashedError, match="died twice on this image"):
-            pool.run(str(marker))  # crashes twice: no marker
+            pool.run(b"", str(marker))  # crashes twice: no marker
         assert pool.pids() != [first]
         marker.touch()
-        assert pool.run(str(marker)) == "survived"  # the pool still serves
+        assert pool.run(b"", str(marker)) == "survived"  # the pool still serves
     finally:
         pool.shutdown()
 
@@ -113,9 +114,16 @@ def test_a_crash_is_retried_once_on_a_fresh_process(tmp_path: Path) -> None:
 def test_a_child_killed_while_idle_is_replaced(pool: DecodePool) -> None:
     victim = pool.pids()[0]
     os.kill(victim, 9)
-    results = [pool.run(i)[1] for i in range(4)]  # every call lands, one of them on the dead child
+    results = [pool.run(b"", i)[3] for i in range(4)]  # every call lands, one of them on the dead child
     assert results == [0, 1, 2, 3]
     assert victim not in pool.pids()
+
+
+@pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_001])
+def test_the_payload_arrives_whole(pool: DecodePool, size: int) -> None:
+    data = os.urandom(size)
+    _, n, digest, tag = pool.run(data, "tag")
+    assert (n, digest, tag) == (size, hashlib.sha256(data).hexdigest(), "tag")
 
 
 def test_shutdown_stops_every_child() -> None:
