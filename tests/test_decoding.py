@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,7 +45,14 @@ def crash_unless(data: bytes, marker: str) -> str:
     os._exit(11)
 
 
-@pytest.fixture
+def wait_for(data: bytes, marker: str, tag: int) -> int:
+    """Hold the child until ``marker`` exists (lets a test line threads up behind it)."""
+    while not Path(marker).exists():
+        time.sleep(0.005)
+    return tag
+
+
+@pytest.fixture(scope="module")
 def pool() -> Iterator[DecodePool]:
     p = DecodePool(2, task=echo)
     p.warm_up()
@@ -111,12 +119,62 @@ def test_a_crash_is_retried_once_on_a_fresh_process(tmp_path: Path) -> None:
         pool.shutdown()
 
 
-def test_a_child_killed_while_idle_is_replaced(pool: DecodePool) -> None:
-    victim = pool.pids()[0]
-    os.kill(victim, 9)
-    results = [pool.run(b"", i)[3] for i in range(4)]  # every call lands, one of them on the dead child
-    assert results == [0, 1, 2, 3]
-    assert victim not in pool.pids()
+def test_waiting_threads_are_served_first_come_first_served(tmp_path: Path) -> None:
+    marker = tmp_path / "go"
+    pool = DecodePool(1, task=wait_for)
+    done: list[int] = []
+    lock = threading.Lock()
+
+    def call(tag: int, times: int) -> None:
+        for _ in range(times):
+            result = pool.run(b"", str(marker), tag)
+            with lock:
+                done.append(result)
+
+    try:
+        pool.warm_up()
+        # Thread 0 holds the only child and, once released, asks again at once; threads 1-3
+        # queue up behind it in order. The release must go to thread 1, not back to thread 0.
+        threads = [threading.Thread(target=call, args=(0, 2))]
+        threads[0].start()
+        while pool._idle:  # noqa: SLF001  (until thread 0 holds the child)
+            time.sleep(0.005)
+        for tag in (1, 2, 3):
+            threads.append(threading.Thread(target=call, args=(tag, 1)))
+            threads[-1].start()
+            while len(pool._waiting) < tag:  # noqa: SLF001
+                time.sleep(0.005)
+        marker.touch()
+        for t in threads:
+            t.join()
+        assert done == [0, 1, 2, 3, 0]
+    finally:
+        pool.shutdown()
+
+
+def test_children_killed_while_idle_are_replaced(tmp_path: Path) -> None:
+    marker = tmp_path / "go"
+    pool = DecodePool(2, task=wait_for)
+    try:
+        pool.warm_up()
+        victims = pool.pids()
+        for pid in victims:
+            os.kill(pid, 9)  # as if each had crashed on a hostile file
+        results: list[int] = []
+        # Two calls at once, each held until the marker exists, so each lands on its own child.
+        threads = [threading.Thread(target=lambda t=t: results.append(pool.run(b"", str(marker), t)))
+                   for t in (1, 2)]  # fmt: skip
+        for t in threads:
+            t.start()
+        while set(victims) & set(pool.pids()) or pool._idle:  # noqa: SLF001
+            time.sleep(0.01)
+        marker.touch()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [1, 2]  # every call landed on a fresh child
+        assert not set(victims) & set(pool.pids())
+    finally:
+        pool.shutdown()
 
 
 @pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_001])

@@ -19,10 +19,10 @@ each request's path and copies a large message many times over; with it, a
 
 from __future__ import annotations
 
+import collections
 import logging
 import multiprocessing
 import pickle
-import queue
 import signal
 import socket
 import struct
@@ -158,6 +158,12 @@ class _Child:
         self.sock.close()
 
 
+class _Handoff:
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.child: _Child | None = None
+
+
 class DecodePool:
     """``processes`` spawned decoder processes (spawn, not fork: the parent runs grpc threads).
 
@@ -179,9 +185,30 @@ class DecodePool:
         self._lock = threading.Lock()
         self._closed = False
         self._children = [_Child(self._context, task) for _ in range(processes)]
-        self._idle: queue.SimpleQueue[_Child] = queue.SimpleQueue()
-        for child in self._children:
-            self._idle.put(child)
+        self._idle: list[_Child] = list(self._children)
+        self._waiting: collections.deque[_Handoff] = collections.deque()
+
+    def _acquire(self) -> _Child:
+        # First come, first served: a released child goes straight to the longest-waiting
+        # thread. With a plain queue the releasing thread could take it back for its next
+        # image while others wait, which stretched the 8-client p99 to 1.7x the p50.
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+            handoff = _Handoff()
+            self._waiting.append(handoff)
+        handoff.ready.wait()
+        assert handoff.child is not None
+        return handoff.child
+
+    def _release(self, child: _Child) -> None:
+        with self._lock:
+            if self._waiting:
+                handoff = self._waiting.popleft()
+                handoff.child = child
+                handoff.ready.set()
+            else:
+                self._idle.append(child)
 
     def warm_up(self) -> None:
         """Wait until every child has imported the decoders, before the first request."""
@@ -199,13 +226,13 @@ class DecodePool:
             The child died on these arguments, and so did a fresh one.
         """
         for attempt in (1, 2):
-            child = self._idle.get()
+            child = self._acquire()
             try:
                 reply = child.call(data, args)
             except (EOFError, OSError):
                 self._replace(child, image=args[1] if len(args) > 1 else None, attempt=attempt)
                 continue
-            self._idle.put(child)
+            self._release(child)
             if reply[0] == "ok":
                 return reply[1]
             _, exc, tb = reply
@@ -234,17 +261,21 @@ class DecodePool:
             "a decoder process died; starting a new one",
             extra={**context, "exitcode": dead.process.exitcode},
         )
+        error: Exception | None = None
         with self._lock:
             if self._closed:
                 return
             try:
-                fresh = _Child(self._context, self._task)
-            except Exception:
-                # Keep the slot: the next request finds it dead and tries again.
-                self._idle.put(dead)
-                raise
-            self._children[self._children.index(dead)] = fresh
-        self._idle.put(fresh)
+                fresh: _Child = _Child(self._context, self._task)
+            except Exception as exc:  # e.g. out of memory or process slots
+                error, fresh = exc, dead  # keep the slot: its next user tries to replace it again
+            else:
+                self._children[self._children.index(dead)] = fresh
+        self._release(fresh)
+        if error is not None:
+            raise DecoderCrashedError(
+                f"a decoder process died and a new one could not be started ({error})"
+            ) from error
 
     def pids(self) -> list[int | None]:
         """Process ids of the current children (for tests and diagnostics)."""
