@@ -98,7 +98,9 @@ class Settings:
 
     workers: int = field(
         default=DEFAULT_WORKERS,
-        metadata={"help": "Images scored at the same time (threads: decoding and FFTs release the GIL)."},
+        metadata={
+            "help": "Images scored at the same time (threads; about two per decoder process keep them busy)."
+        },
     )
 
     fft_threads: int = field(
