@@ -48,8 +48,9 @@ COPY models/default/ /opt/cxr-monitor/models/default/
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 9108
+# No --address: `health` asks 127.0.0.1 on the port serve uses (CXR_MONITOR_PORT, else 50051).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
-    CMD ["cxr-monitor", "health", "--address", "127.0.0.1:50051"]
+    CMD ["cxr-monitor", "health"]
 # Exec form: the server is PID 1 and receives SIGTERM itself for a graceful stop.
 ENTRYPOINT ["cxr-monitor"]
 CMD ["serve"]

@@ -117,6 +117,19 @@ def test_cli_health(address: str, free_address: str, capsys: pytest.CaptureFixtu
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
+def test_cli_health_without_address_asks_the_port_serve_would_use(
+    address: str, free_address: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    # As the Docker HEALTHCHECK runs it: no --address, the port from CXR_MONITOR_PORT.
+    monkeypatch.setenv("CXR_MONITOR_PORT", address.rsplit(":", 1)[1])
+    assert main(["health"]) == 0
+    assert capsys.readouterr().out.strip() == "SERVING"
+    monkeypatch.setenv("CXR_MONITOR_HOST", address.rsplit(":", 1)[0])  # a specific interface
+    assert main(["health"]) == 0
+    monkeypatch.setenv("CXR_MONITOR_PORT", free_address.rsplit(":", 1)[1])
+    assert main(["health", "--timeout", "2"]) == 1
+
+
 def test_cli_replay_summary(
     address: str, data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:

@@ -460,7 +460,7 @@ def test_dockerfile_exec_form_entrypoint_cmd_and_healthcheck() -> None:
     assert json.loads(final["CMD"]) == ["serve"]
     hc = final["HEALTHCHECK"]
     cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
-    assert cmd == ["cxr-monitor", "health", "--address", f"127.0.0.1:{DEFAULT_PORT}"]
+    assert cmd == ["cxr-monitor", "health"]  # follows CXR_MONITOR_PORT (tests/test_client.py)
     assert set(final["EXPOSE"].split()) == {str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT)}
 
 

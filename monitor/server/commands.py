@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
-from ..settings import Settings, env_name
+from ..settings import DEFAULT_PORT, Settings, env_name
 
 __all__ = ["register"]
 
@@ -74,7 +74,14 @@ def _cmd_health(args: argparse.Namespace) -> int:
 
     from ..client import ReliabilityClient
 
-    with ReliabilityClient(args.address) as client:
+    address = args.address
+    if address is None:
+        # Where `serve` would listen in this environment (CXR_MONITOR_HOST/PORT), so that a
+        # container HEALTHCHECK follows a changed port; loopback for a wildcard host.
+        settings = Settings.load({})
+        wildcard = settings.host in ("0.0.0.0", "::", "[::]", "")
+        address = f"127.0.0.1:{settings.port}" if wildcard else settings.address
+    with ReliabilityClient(address) as client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -307,9 +314,11 @@ def _cmd_client_outcome(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- registration
-def _address(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--address", default=DEFAULT_ADDRESS, metavar="HOST:PORT",
-                   help=f"sidecar address (default: {DEFAULT_ADDRESS})")  # fmt: skip
+def _address(
+    p: argparse.ArgumentParser, default: str | None = DEFAULT_ADDRESS, default_text: str = DEFAULT_ADDRESS
+) -> None:
+    p.add_argument("--address", default=default, metavar="HOST:PORT",
+                   help=f"sidecar address (default: {default_text})")  # fmt: skip
     p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of each call")
 
 
@@ -363,9 +372,10 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         (SERVING, NOT_SERVING, SERVICE_UNKNOWN) or the gRPC error; exit status 0 when
         SERVING, 1 otherwise. Suitable as a Docker HEALTHCHECK.
         """,
-        "example:\n  cxr-monitor health --address localhost:50051",
+        "examples:\n  cxr-monitor health\n  cxr-monitor health --address localhost:50051",
     )
-    _address(p)
+    _address(p, default=None, default_text=f"where serve would listen here: {env_name('host')} "
+             f"(127.0.0.1 for 0.0.0.0) and {env_name('port')}, else 127.0.0.1:{DEFAULT_PORT}")  # fmt: skip
     p.set_defaults(timeout=3.0)
     p.add_argument("--service", default="", help='service name to check (default: "", the whole server)')
     p.set_defaults(func=_cmd_health)
