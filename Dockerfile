@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The cxr-monitor gRPC sidecar with the bundled NIH model.
 #
 #   docker build -t cxr-spectral-monitor:0.1.0 .
