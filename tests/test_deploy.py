@@ -143,8 +143,10 @@ def _queries(dashboard: dict) -> Iterator[tuple[str, str]]:
             m = re.fullmatch(r"label_values\((.+),\s*\w+\)", q)
             yield f"variable {v['name']}", m.group(1) if m else q
     for a in dashboard["annotations"]["list"]:
-        if "expr" in a:
-            yield f"annotation {a['name']}", a["expr"]
+        # Grafana keeps a Prometheus annotation's query in `target` (legacy: top-level `expr`).
+        expr = a.get("target", {}).get("expr", a.get("expr"))
+        if expr is not None:
+            yield f"annotation {a['name']}", expr
 
 
 def test_dashboard_identity(dashboard: dict) -> None:
