@@ -20,6 +20,7 @@ from .errors import InvalidInputError
 
 __all__ = [
     "DEFAULT_DECODE_PROCESSES",
+    "DEFAULT_DECODE_TIMEOUT",
     "DEFAULT_FFT_THREADS",
     "DEFAULT_GRACE_SECONDS",
     "DEFAULT_HOST",
@@ -50,6 +51,7 @@ DEFAULT_METRICS_PORT = 9108
 DEFAULT_WORKERS = 4
 DEFAULT_FFT_THREADS = 1
 DEFAULT_DECODE_PROCESSES = "auto"
+DEFAULT_DECODE_TIMEOUT = 60.0
 DEFAULT_WINDOW_IMAGES = 200
 DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
@@ -120,6 +122,15 @@ class Settings:
         },
     )
 
+    decode_timeout: float = field(
+        default=DEFAULT_DECODE_TIMEOUT,
+        metadata={
+            "help": "Seconds a decoder process may spend on one image before it is killed and replaced "
+            "(a decoder stuck on a hostile file); the request then fails with RESOURCE_EXHAUSTED, or "
+            "DEADLINE_EXCEEDED when the caller's deadline comes first. Decoder processes only."
+        },
+    )
+
     window_images: int = field(
         default=DEFAULT_WINDOW_IMAGES,
         metadata={"help": "Size of the count drift window: the last N images scored."},
@@ -173,7 +184,7 @@ class Settings:
                      "max_concurrent_rpcs", "outcome_cache_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"setting {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("window_seconds", "grace_seconds"):
+        for name in ("window_seconds", "grace_seconds", "decode_timeout"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")
         object.__setattr__(

@@ -16,7 +16,13 @@ import numpy as np
 import pytest
 
 from monitor.errors import InvalidImageError
-from monitor.server.decoding import DecodePool, DecoderCrashedError, RemoteTracebackError, decode_and_profile
+from monitor.server.decoding import (
+    DecodePool,
+    DecoderCrashedError,
+    DecodeTimeoutError,
+    RemoteTracebackError,
+    decode_and_profile,
+)
 from monitor.spectrum import SpectralProfiler
 
 
@@ -173,6 +179,25 @@ def test_children_killed_while_idle_are_replaced(tmp_path: Path) -> None:
             t.join()
         assert sorted(results) == [1, 2]  # every call landed on a fresh child
         assert not set(victims) & set(pool.pids())
+    finally:
+        pool.shutdown()
+
+
+@pytest.mark.parametrize("caller", [False, True])
+def test_a_stuck_child_is_killed_after_the_time_limit(tmp_path: Path, caller: bool) -> None:
+    marker = tmp_path / "never"
+    pool = DecodePool(1, task=wait_for)
+    try:
+        pool.warm_up()
+        (stuck,) = pool.pids()
+        limits = {"deadline": time.monotonic() + 0.3, "timeout": 30.0} if caller else {"timeout": 0.3}
+        with pytest.raises(DecodeTimeoutError, match="the decoder process was stopped and replaced") as info:
+            pool.run(b"", str(marker), 1, **limits)
+        assert info.value.caller_deadline is caller
+        assert ("deadline" in str(info.value)) is caller
+        assert pool.pids() != [stuck]
+        marker.touch()
+        assert pool.run(b"", str(marker), 2, timeout=30.0) == 2  # the replacement serves
     finally:
         pool.shutdown()
 

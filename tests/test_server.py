@@ -491,6 +491,31 @@ def test_not_serving_until_the_model_is_attached_then_overload(engine: Engine, d
             assert client.score_bytes(data).image.format == "dicom"
     finally:
         server.stop(1)
+
+
+def test_a_decode_over_the_time_limit_is_resource_exhausted_and_the_server_goes_on(
+    engine: Engine, data_dir: Path
+) -> None:
+    # A 1 ms limit: any JPEG 2000 decode (150+ ms) overruns it, as a decoder stuck on a hostile file would.
+    server, port = build_server(
+        _settings(decode_processes=1, decode_timeout=0.001, metrics_port=-1),
+        engine,
+        registry=CollectorRegistry(),
+    )
+    server.start()
+    try:
+        with ReliabilityClient(f"127.0.0.1:{port}", timeout=120) as client:
+            (before,) = server.handler.decoders.pids()
+            err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[2], request_id="slow")
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert err.details().startswith("request slow: ")
+            assert "took longer than 0.001 s (--decode-timeout)" in err.details()
+            assert server.handler.decoders.pids() != [before]  # killed and replaced
+            assert (
+                client.score_array(np.ones((64, 64), np.float32) + np.eye(64, dtype=np.float32)).cluster >= 0
+            )
+    finally:
+        server.stop(1)
     status = server.health.Check(health_pb2.HealthCheckRequest(service=""), None).status
     assert status == health_pb2.HealthCheckResponse.NOT_SERVING
 

@@ -39,7 +39,7 @@ from ..errors import MonitorError
 from ..spectrum import SpectralProfiler
 from ..types import ImageMeta
 
-__all__ = ["DecodePool", "DecoderCrashedError", "RemoteTracebackError"]
+__all__ = ["DecodePool", "DecodeTimeoutError", "DecoderCrashedError", "RemoteTracebackError"]
 
 log = logging.getLogger("cxr_monitor.server")
 
@@ -52,6 +52,18 @@ class DecoderCrashedError(MonitorError):
     """A decoder process died while decoding (twice: once more on a fresh process)."""
 
     code = "internal"
+
+
+class DecodeTimeoutError(Exception):
+    """A decoder process did not answer in time; it was killed and replaced.
+
+    ``caller_deadline`` tells whether the caller's deadline (rather than the pool's own
+    time limit) ran out first.
+    """
+
+    def __init__(self, message: str, *, caller_deadline: bool) -> None:
+        super().__init__(message)
+        self.caller_deadline = caller_deadline
 
 
 class RemoteTracebackError(Exception):
@@ -142,9 +154,14 @@ class _Child:
         self.process.start()
         child_end.close()
 
-    def call(self, data: bytes, args: tuple) -> tuple:
-        _send(self.sock, args, data)
-        return _recv(self.sock)[0]
+    def call(self, data: bytes, args: tuple, timeout: float | None = None) -> tuple:
+        """Send one image and wait for the reply; TimeoutError after ``timeout`` seconds."""
+        self.sock.settimeout(timeout)
+        try:
+            _send(self.sock, args, data)
+            return _recv(self.sock)[0]
+        finally:
+            self.sock.settimeout(None)
 
     def stop(self, timeout: float) -> None:
         try:
@@ -215,22 +232,49 @@ class DecodePool:
         for child in self._children:
             child.call(b"", ())
 
-    def run(self, data: bytes, *args: Any) -> Any:
+    def run(
+        self, data: bytes, *args: Any, timeout: float | None = None, deadline: float | None = None
+    ) -> Any:
         """``task(data, *args)`` in an idle child (waiting for one); its exception is re-raised here.
 
         ``data`` (the encoded image) travels as raw bytes; ``args`` are pickled.
+
+        Parameters
+        ----------
+        timeout : float, optional
+            Seconds the child may take once it has the image.
+        deadline : float, optional
+            The caller's deadline, a ``time.monotonic()`` instant; waiting for an idle child counts.
 
         Raises
         ------
         DecoderCrashedError
             The child died on these arguments, and so did a fresh one.
+        DecodeTimeoutError
+            The child did not answer within ``timeout`` or before ``deadline``: it was killed
+            (a decoder stuck on a hostile file would otherwise hold it forever) and replaced.
         """
+        name = args[1] if len(args) > 1 else "image"
         for attempt in (1, 2):
             child = self._acquire()
+            limit, caller = timeout, False
+            if deadline is not None:
+                left = max(deadline - time.monotonic(), 0.0)
+                if limit is None or left < limit:
+                    limit, caller = left, True
             try:
-                reply = child.call(data, args)
+                reply = child.call(data, args, limit)
+            except TimeoutError:
+                child.process.kill()
+                self._replace(child, image=name, reason="timeout", seconds=limit)
+                raise DecodeTimeoutError(
+                    f"{name}: decoding and profiling took longer than "
+                    + ("the request's deadline" if caller else f"{limit:g} s (--decode-timeout)")
+                    + "; the decoder process was stopped and replaced",
+                    caller_deadline=caller,
+                ) from None
             except (EOFError, OSError):
-                self._replace(child, image=args[1] if len(args) > 1 else None, attempt=attempt)
+                self._replace(child, image=name, attempt=attempt)
                 continue
             self._release(child)
             if reply[0] == "ok":
@@ -240,25 +284,35 @@ class DecodePool:
                 raise exc from RemoteTracebackError(tb)
             raise exc
         raise DecoderCrashedError(
-            f"{args[1] if len(args) > 1 else 'image'}: the image decoder process died twice on this image "
+            f"{name}: the image decoder process died twice on this image "
             "(a decoder crash: the file may be malformed or hostile); the server goes on"
         )
 
     def profile_bytes(
-        self, data: bytes, *, kind: str | None, name: str, max_pixels: int, profiler: SpectralProfiler
+        self,
+        data: bytes,
+        *,
+        kind: str | None,
+        name: str,
+        max_pixels: int,
+        profiler: SpectralProfiler,
+        timeout: float | None = None,
+        deadline: float | None = None,
     ) -> tuple[np.ndarray, ImageMeta, float, float]:
         """Decode and profile in a child process: (profile, header, decode s, profile s).
 
         Errors are those of :func:`monitor.imaging.load_bytes` and
-        :meth:`monitor.spectrum.SpectralProfiler.profile`, and :class:`DecoderCrashedError`.
+        :meth:`monitor.spectrum.SpectralProfiler.profile`, and those of :meth:`run`.
         """
-        return self.run(data, kind, name, max_pixels, profiler.working_size, profiler.n_bands)
+        args = (kind, name, max_pixels, profiler.working_size, profiler.n_bands)
+        return self.run(data, *args, timeout=timeout, deadline=deadline)
 
     def _replace(self, dead: _Child, **context: Any) -> None:
         dead.sock.close()
         dead.process.join(1.0)
+        what = "was stopped after its time limit" if context.get("reason") == "timeout" else "died"
         log.error(
-            "a decoder process died; starting a new one",
+            f"a decoder process {what}; starting a new one",
             extra={**context, "exitcode": dead.process.exitcode},
         )
         error: Exception | None = None

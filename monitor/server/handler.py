@@ -25,7 +25,7 @@ from ..metrics import MonitorMetrics
 from ..settings import Settings
 from . import convert
 from ._generated import monitor_pb2 as pb
-from .decoding import DecodePool
+from .decoding import DecodePool, DecodeTimeoutError
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
@@ -257,13 +257,24 @@ class RequestHandler:
         t0 = time.perf_counter()
         if image.array is None and self.decoders is not None:
             assert image.data is not None
-            profile, meta, decode, prof = self.decoders.profile_bytes(
-                image.data,
-                kind=image.kind,
-                name=image.name,
-                max_pixels=engine.max_pixels,
-                profiler=engine.profiler,
-            )
+            left = remaining()
+            try:
+                profile, meta, decode, prof = self.decoders.profile_bytes(
+                    image.data,
+                    kind=image.kind,
+                    name=image.name,
+                    max_pixels=engine.max_pixels,
+                    profiler=engine.profiler,
+                    timeout=self.settings.decode_timeout,
+                    deadline=None if left is None else time.monotonic() + left,
+                )
+            except DecodeTimeoutError as exc:
+                code = (
+                    grpc.StatusCode.DEADLINE_EXCEEDED
+                    if exc.caller_deadline
+                    else grpc.StatusCode.RESOURCE_EXHAUSTED
+                )
+                raise RpcAbortError(code, f"request {rid}: {exc}") from None
             scored = engine.score_profile(
                 profile, meta, classifier_score, {"decode": decode, "profile": prof}
             )
