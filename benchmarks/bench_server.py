@@ -7,7 +7,8 @@ inputs: a 1024x1024 PNG (an NIH WebP re-encoded in memory) and the 1955x1841
 (runs 1-6, made before ``--decode-processes auto`` was the default, are kept in
 ``server_runs1-6.*``).
 
-Server configurations, side by side in one run:
+Server configurations, run side by side (all three servers up at once, 8-client bursts
+interleaved round by round, so that drift in the machine's speed hits each alike):
 
 * ``default``: the shipped settings (4 worker threads, ``--decode-processes auto``, which is
   one decoder process per CPU: 2 here);
@@ -120,7 +121,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[str, Any]:
-    """``n_requests`` Score calls shared by ``clients`` threads, each on its own channel."""
+    """``n_requests`` Score calls shared by ``clients`` threads, each on its own channel: raw samples."""
     remaining = [n_requests]
     lock = threading.Lock()
     samples: list[tuple[float, Any]] = []
@@ -153,19 +154,40 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
     for t in threads:
         t.join()
     wall = time.perf_counter() - start
-    cpu = _cpu_seconds(server.proc.pid) - cpu_before
     client_after = os.times()
-    client_cpu = (client_after.user - client_before.user) + (client_after.system - client_before.system)
+    return {
+        "clients": clients,
+        "samples": samples,
+        "errors": errors,
+        "seconds": wall,
+        "server_cpu_seconds": _cpu_seconds(server.proc.pid) - cpu_before,
+        "client_cpu_seconds": (client_after.user - client_before.user)
+        + (client_after.system - client_before.system),
+        "load_before": load_before,
+        "load_after": _load(),
+    }
+
+
+def summarise(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """Statistics over one or more :func:`drive` bursts of the same server and input."""
+    samples = [s for p in parts for s in p["samples"]]
+    wall = sum(p["seconds"] for p in parts)
+    cpu = sum(p["server_cpu_seconds"] for p in parts)
+    client_cpu = sum(p["client_cpu_seconds"] for p in parts)
     lat = [s[0] for s in samples]
     work = [t.decode_seconds + t.profile_seconds + t.score_seconds for _, t in samples]
     total = [t.total_seconds for _, t in samples]
     overhead = [(tt - w) / w for tt, w in zip(total, work, strict=True)]
+    n = max(len(samples), 1)
     return {
-        "clients": clients,
+        "clients": parts[0]["clients"],
+        "bursts": len(parts),
         "requests": len(samples),
-        "errors": errors,
+        "errors": [e for p in parts for e in p["errors"]],
         "seconds": wall,
         "throughput_per_second": len(samples) / wall,
+        # Per burst: with interleaved bursts, how much the machine's speed moved during the run.
+        "burst_throughputs": [len(p["samples"]) / p["seconds"] for p in parts],
         "latency_p50_seconds": _percentile(lat, 50),
         "latency_p99_seconds": _percentile(lat, 99),
         "latency_mean_seconds": statistics.fmean(lat),
@@ -182,10 +204,10 @@ def drive(server: Server, request: Any, clients: int, n_requests: int) -> dict[s
         "client_minus_server_p50_seconds": _percentile([a - b for a, b in zip(lat, total, strict=True)], 50),
         # Cores the server kept busy: ~1 when work is serialised (GIL), up to 2 on 2 free cores.
         "server_cpu_cores": cpu / wall,
-        "server_cpu_seconds_per_request": cpu / max(len(samples), 1),
-        "client_cpu_seconds_per_request": client_cpu / max(len(samples), 1),
-        "load_before": load_before,
-        "load_after": _load(),
+        "server_cpu_seconds_per_request": cpu / n,
+        "client_cpu_seconds_per_request": client_cpu / n,
+        "load_before": parts[0]["load_before"],
+        "load_after": parts[-1]["load_after"],
     }
 
 
@@ -245,7 +267,7 @@ def _inputs() -> dict[str, Any]:
     }
 
 
-def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
+def run(png_requests: int, dicom_requests: int, rounds: int) -> dict[str, Any]:
     inputs = _inputs()
     counts = {"png_1024": png_requests, "dicom_j2k": dicom_requests}
     out: dict[str, Any] = {
@@ -260,18 +282,28 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
         "runs": {},
     }
     configs = {"default": (4, "auto"), "1 thread": (1, 0), "2 threads": (2, 0)}
-    for config, (workers, processes) in configs.items():
-        server = Server(workers, processes)
-        try:
-            for name, request in inputs.items():
-                n = counts[name]
+    servers: dict[str, Server] = {}
+    try:
+        for config, (workers, processes) in configs.items():
+            servers[config] = Server(workers, processes)
+        for name, request in inputs.items():
+            n = counts[name]
+            for server in servers.values():
                 drive(server, request, 2, 4)  # warm every worker, decoder process and channel
                 drive(server, request, 4, 8)
-                out["runs"][f"{name}/{config}/clients=8"] = drive(server, request, 8, n)
-                if config == "default":
-                    out["runs"][f"{name}/{config}/clients=1"] = drive(server, request, 1, max(n // 2, 10))
-                print(f"done {name}/{config}", file=sys.stderr)
-        finally:
+            # Interleaved bursts (A B C A B C ...): the VM's speed drifts by several percent over
+            # minutes, and back-to-back runs per configuration would put that drift into the ratios.
+            bursts: dict[str, list[dict[str, Any]]] = {c: [] for c in servers}
+            for _ in range(rounds):
+                for config, server in servers.items():
+                    bursts[config].append(drive(server, request, 8, n // rounds))
+            for config in servers:
+                out["runs"][f"{name}/{config}/clients=8"] = summarise(bursts[config])
+            one = [drive(servers["default"], request, 1, max(n // 2 // rounds, 5)) for _ in range(rounds)]
+            out["runs"][f"{name}/default/clients=1"] = summarise(one)
+            print(f"done {name}", file=sys.stderr)
+    finally:
+        for server in servers.values():
             server.stop()
     summary = {}
     for name in inputs:
@@ -294,6 +326,10 @@ def run(png_requests: int, dicom_requests: int) -> dict[str, Any]:
             / eight_t1["throughput_per_second"],
             "p99_8_clients_over_4x_p50_1_client": eight["latency_p99_seconds"]
             / (4 * one["latency_p50_seconds"]),
+            # The same ratio per round (bursts measured next to each other).
+            "throughput_default_over_1_thread_per_round": [
+                a / b for a, b in zip(eight["burst_throughputs"], eight_t1["burst_throughputs"], strict=True)
+            ],
         }
     out["summary"] = summary
     out["gil_share"] = gil_check()
@@ -311,6 +347,10 @@ def _markdown(results: list[dict[str, Any]]) -> str:
         "`default` = the shipped settings (4 worker threads, `--decode-processes auto` = 2 decoder",
         "processes here), `1 thread` = `--workers 1 --decode-processes 0`, `2 threads` =",
         "`--workers 2 --decode-processes 0`. Scaling = throughput at 8 clients / that of `1 thread`.",
+        "From run 6 on, the configurations run side by side in interleaved bursts (default, 1 thread,",
+        "2 threads, default, ...; `--rounds`, 4 by default) and the per-round ratios are listed: this",
+        "virtual machine's speed drifts by several percent over minutes (CPU s/request moved 0.050-0.055",
+        "between runs 1-5), which runs 1-5, one configuration after the other, put into their ratios.",
         "Server overhead = (server total - decode - profile - score) / (decode + profile + score) from the",
         "server's own timings; with 8 clients it includes time queued for a worker.",
         "Read throughput together with 'server CPU cores busy' and the load average: when something else",
@@ -326,15 +366,18 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             "",
             "| input | p50 1 client | p99 1 client | thr. 1 client | p50 8 clients | p99 8 clients | thr. 8 clients "
             "| overhead 1 client | overhead 8 clients (queueing) | scaling default / 1 thread "
-            "| scaling 2 threads / 1 thread | p99(8) / 4 x p50(1) |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| same, per round | scaling 2 threads / 1 thread | p99(8) / 4 x p50(1) |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in res["summary"].items():
+            rounds = s.get("throughput_default_over_1_thread_per_round")
+            per_round = " ".join(f"{r:.2f}" for r in rounds) if rounds else "(not interleaved)"
             lines.append(
                 f"| {name} | {s['p50_1_client_ms']:.1f} ms | {s['p99_1_client_ms']:.1f} ms | "
                 f"{s['throughput_1_client']:.1f}/s | {s['p50_8_clients_ms']:.1f} ms | {s['p99_8_clients_ms']:.1f} ms | "
                 f"{s['throughput_8_clients']:.1f}/s | {s['server_overhead_1_client']:.1%} | "
                 f"{s['server_overhead_8_clients_incl_queueing']:.0%} | {s['throughput_default_over_1_thread']:.2f}x | "
+                f"{per_round} | "
                 f"{s['throughput_2_threads_over_1_thread']:.2f}x | {s['p99_8_clients_over_4x_p50_1_client']:.2f} |"
             )
         lines += ["", "| run | requests | load before/after | p50 | p99 | throughput | stages p50 (decode / profile / "
@@ -362,12 +405,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--png-requests", type=int, default=160, help="requests per PNG run (default: 160)")
     parser.add_argument("--dicom-requests", type=int, default=40, help="requests per DICOM run (default: 40)")
+    parser.add_argument("--rounds", type=int, default=4,
+                        help="interleaved bursts per configuration (default: 4)")  # fmt: skip
     parser.add_argument("--append", action="store_true", help="add this run to the existing results")
     args = parser.parse_args()
     if not DICOM.is_file() or not PNG_SOURCE.is_file():
         print(f"error: shared data not found under {DATA}", file=sys.stderr)
         return 2
-    result = run(args.png_requests, args.dicom_requests)
+    result = run(args.png_requests, args.dicom_requests, args.rounds)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "server.json"
     runs = json.loads(path.read_text())["runs"] if args.append and path.is_file() else []

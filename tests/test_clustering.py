@@ -123,6 +123,19 @@ def test_predict_proba_rows_sum_to_one(three) -> None:
     assert _same_partition(est.predict(X), y)
 
 
+def test_assess_agrees_with_the_separate_methods(three) -> None:
+    est, X, _, centres = three
+    far = np.vstack([X, centres * 3, X[:5] + 40.0])  # in the clusters, between them, far outside
+    Z, proba, loglik, novelty, distance = est.assess(far)
+    np.testing.assert_array_equal(Z, est.standardise(far))
+    np.testing.assert_allclose(proba, est.predict_proba(far), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(loglik, est.score_samples(far), rtol=1e-12, atol=1e-9)
+    share, dist = est.novelty(far)
+    np.testing.assert_array_equal(novelty, share)
+    np.testing.assert_array_equal(distance, dist)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, atol=1e-12)
+
+
 def test_transform_and_standardise_shapes(three) -> None:
     est, X, _, _ = three
     Z = est.standardise(X)
