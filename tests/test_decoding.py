@@ -9,7 +9,7 @@ import hashlib
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,21 @@ def wait_for(data: bytes, marker: str, tag: int) -> int:
     return tag
 
 
+@pytest.fixture
+def new_pool() -> Iterator[Callable[..., DecodePool]]:
+    """``new_pool(processes, task)``: a warmed-up pool, shut down after the test."""
+    pools: list[DecodePool] = []
+
+    def make(processes: int, task: Callable[..., object]) -> DecodePool:
+        pools.append(DecodePool(processes, task=task))
+        pools[-1].warm_up()
+        return pools[-1]
+
+    yield make
+    for p in pools:
+        p.shutdown()
+
+
 @pytest.fixture(scope="module")
 def pool() -> Iterator[DecodePool]:
     p = DecodePool(2, task=echo)
@@ -94,40 +109,37 @@ def test_runs_in_the_children_and_spreads_concurrent_calls(pool: DecodePool) -> 
     ],
 )
 def test_errors_come_back_and_the_child_stays(
-    kind: str, error: type[Exception], message: str, remote: bool
+    new_pool: Callable[..., DecodePool], kind: str, error: type[Exception], message: str, remote: bool
 ) -> None:
-    pool = DecodePool(1, task=fail)
-    try:
-        before = pool.pids()
-        with pytest.raises(error, match=message) as info:
-            pool.run(b"", kind)
-        cause = info.value.__cause__
-        assert isinstance(cause, RemoteTracebackError) == remote
-        if remote:
-            assert "in fail" in str(cause)
-        assert pool.pids() == before  # an error is not a crash
-    finally:
-        pool.shutdown()
+    pool = new_pool(1, fail)
+    before = pool.pids()
+    with pytest.raises(error, match=message) as info:
+        pool.run(b"", kind)
+    cause = info.value.__cause__
+    assert isinstance(cause, RemoteTracebackError) == remote
+    if remote:
+        assert "in fail" in str(cause)
+    assert pool.pids() == before  # an error is not a crash
 
 
-def test_a_crash_is_retried_once_on_a_fresh_process(tmp_path: Path) -> None:
+def test_a_crash_is_retried_once_on_a_fresh_process(
+    new_pool: Callable[..., DecodePool], tmp_path: Path
+) -> None:
     marker = tmp_path / "second-time-lucky"
-    pool = DecodePool(1, task=crash_unless)
-    try:
-        pool.warm_up()
-        (first,) = pool.pids()
-        with pytest.raises(DecoderCrashedError, match="died twice on this image"):
-            pool.run(b"", str(marker))  # crashes twice: no marker
-        assert pool.pids() != [first]
-        marker.touch()
-        assert pool.run(b"", str(marker)) == "survived"  # the pool still serves
-    finally:
-        pool.shutdown()
+    pool = new_pool(1, crash_unless)
+    (first,) = pool.pids()
+    with pytest.raises(DecoderCrashedError, match="died twice on this image"):
+        pool.run(b"", str(marker))  # crashes twice: no marker
+    assert pool.pids() != [first]
+    marker.touch()
+    assert pool.run(b"", str(marker)) == "survived"  # the pool still serves
 
 
-def test_waiting_threads_are_served_first_come_first_served(tmp_path: Path) -> None:
+def test_waiting_threads_are_served_first_come_first_served(
+    new_pool: Callable[..., DecodePool], tmp_path: Path
+) -> None:
     marker = tmp_path / "go"
-    pool = DecodePool(1, task=wait_for)
+    pool = new_pool(1, wait_for)
     done: list[int] = []
     lock = threading.Lock()
 
@@ -137,69 +149,59 @@ def test_waiting_threads_are_served_first_come_first_served(tmp_path: Path) -> N
             with lock:
                 done.append(result)
 
-    try:
-        pool.warm_up()
-        # Thread 0 holds the only child and, once released, asks again at once; threads 1-3
-        # queue up behind it in order. The release must go to thread 1, not back to thread 0.
-        threads = [threading.Thread(target=call, args=(0, 2))]
-        threads[0].start()
-        while pool._idle:  # noqa: SLF001  (until thread 0 holds the child)
+    # Thread 0 holds the only child and, once released, asks again at once; threads 1-3
+    # queue up behind it in order. The release must go to thread 1, not back to thread 0.
+    threads = [threading.Thread(target=call, args=(0, 2))]
+    threads[0].start()
+    while pool._idle:  # noqa: SLF001  (until thread 0 holds the child)
+        time.sleep(0.005)
+    for tag in (1, 2, 3):
+        threads.append(threading.Thread(target=call, args=(tag, 1)))
+        threads[-1].start()
+        while len(pool._waiting) < tag:  # noqa: SLF001
             time.sleep(0.005)
-        for tag in (1, 2, 3):
-            threads.append(threading.Thread(target=call, args=(tag, 1)))
-            threads[-1].start()
-            while len(pool._waiting) < tag:  # noqa: SLF001
-                time.sleep(0.005)
-        marker.touch()
-        for t in threads:
-            t.join()
-        assert done == [0, 1, 2, 3, 0]
-    finally:
-        pool.shutdown()
+    marker.touch()
+    for t in threads:
+        t.join()
+    assert done == [0, 1, 2, 3, 0]
 
 
-def test_children_killed_while_idle_are_replaced(tmp_path: Path) -> None:
+def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
     marker = tmp_path / "go"
-    pool = DecodePool(2, task=wait_for)
-    try:
-        pool.warm_up()
-        victims = pool.pids()
-        for pid in victims:
-            os.kill(pid, 9)  # as if each had crashed on a hostile file
-        results: list[int] = []
-        # Two calls at once, each held until the marker exists, so each lands on its own child.
-        threads = [threading.Thread(target=lambda t=t: results.append(pool.run(b"", str(marker), t)))
-                   for t in (1, 2)]  # fmt: skip
-        for t in threads:
-            t.start()
-        while set(victims) & set(pool.pids()) or pool._idle:  # noqa: SLF001
-            time.sleep(0.01)
-        marker.touch()
-        for t in threads:
-            t.join()
-        assert sorted(results) == [1, 2]  # every call landed on a fresh child
-        assert not set(victims) & set(pool.pids())
-    finally:
-        pool.shutdown()
+    pool = new_pool(2, wait_for)
+    victims = pool.pids()
+    for pid in victims:
+        os.kill(pid, 9)  # as if each had crashed on a hostile file
+    results: list[int] = []
+    # Two calls at once, each held until the marker exists, so each lands on its own child.
+    threads = [threading.Thread(target=lambda t=t: results.append(pool.run(b"", str(marker), t)))
+               for t in (1, 2)]  # fmt: skip
+    for t in threads:
+        t.start()
+    while set(victims) & set(pool.pids()) or pool._idle:  # noqa: SLF001
+        time.sleep(0.01)
+    marker.touch()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [1, 2]  # every call landed on a fresh child
+    assert not set(victims) & set(pool.pids())
 
 
 @pytest.mark.parametrize("caller", [False, True])
-def test_a_stuck_child_is_killed_after_the_time_limit(tmp_path: Path, caller: bool) -> None:
+def test_a_stuck_child_is_killed_after_the_time_limit(
+    new_pool: Callable[..., DecodePool], tmp_path: Path, caller: bool
+) -> None:
     marker = tmp_path / "never"
-    pool = DecodePool(1, task=wait_for)
-    try:
-        pool.warm_up()
-        (stuck,) = pool.pids()
-        limits = {"deadline": time.monotonic() + 0.3, "timeout": 30.0} if caller else {"timeout": 0.3}
-        with pytest.raises(DecodeTimeoutError, match="the decoder process was stopped and replaced") as info:
-            pool.run(b"", str(marker), 1, **limits)
-        assert info.value.caller_deadline is caller
-        assert ("deadline" in str(info.value)) is caller
-        assert pool.pids() != [stuck]
-        marker.touch()
-        assert pool.run(b"", str(marker), 2, timeout=30.0) == 2  # the replacement serves
-    finally:
-        pool.shutdown()
+    pool = new_pool(1, wait_for)
+    (stuck,) = pool.pids()
+    limits = {"deadline": time.monotonic() + 0.3, "timeout": 30.0} if caller else {"timeout": 0.3}
+    with pytest.raises(DecodeTimeoutError, match="the decoder process was stopped and replaced") as info:
+        pool.run(b"", str(marker), 1, **limits)
+    assert info.value.caller_deadline is caller
+    assert ("deadline" in str(info.value)) is caller
+    assert pool.pids() != [stuck]
+    marker.touch()
+    assert pool.run(b"", str(marker), 2, timeout=30.0) == 2  # the replacement serves
 
 
 @pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_001])
