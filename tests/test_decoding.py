@@ -58,6 +58,11 @@ def wait_for(data: bytes, marker: str, tag: int) -> int:
     return tag
 
 
+def stamped_wait(data: bytes, marker: str, tag: int) -> tuple[int, int]:
+    """:func:`wait_for`, and when the child finished it (CLOCK_MONOTONIC is machine-wide)."""
+    return wait_for(data, marker, tag), time.monotonic_ns()
+
+
 @pytest.fixture
 def new_pool() -> Iterator[Callable[..., DecodePool]]:
     """``new_pool(processes, task)``: a warmed-up pool, shut down after the test."""
@@ -139,21 +144,23 @@ def test_waiting_threads_are_served_first_come_first_served(
     new_pool: Callable[..., DecodePool], tmp_path: Path
 ) -> None:
     marker = tmp_path / "go"
-    pool = new_pool(1, wait_for)
-    done: list[int] = []
-    lock = threading.Lock()
+    pool = new_pool(1, stamped_wait)  # one child: room for 2 images (the one decoded and the next)
+    done: list[tuple[int, int]] = []
 
     def call(tag: int, times: int) -> None:
         for _ in range(times):
-            result = pool.run(b"", str(marker), tag)
-            with lock:
-                done.append(result)
+            done.append(pool.run(b"", str(marker), tag))
 
-    # Thread 0 holds the only child and, once released, asks again at once; threads 1-3
-    # queue up behind it in order. The release must go to thread 1, not back to thread 0.
+    # Threads 0 and 9 fill the child's two places; threads 1-3 queue up behind them in order.
+    # Thread 0 asks again as soon as its image is done: the place it frees must go to thread 1,
+    # and thread 0 must queue behind thread 3.
     threads = [threading.Thread(target=call, args=(0, 2))]
     threads[0].start()
-    while pool._idle:  # noqa: SLF001  (until thread 0 holds the child)
+    while pool._free > 1:  # noqa: SLF001
+        time.sleep(0.005)
+    threads.append(threading.Thread(target=call, args=(9, 1)))
+    threads[-1].start()
+    while pool._free > 0:  # noqa: SLF001
         time.sleep(0.005)
     for tag in (1, 2, 3):
         threads.append(threading.Thread(target=call, args=(tag, 1)))
@@ -163,7 +170,10 @@ def test_waiting_threads_are_served_first_come_first_served(
     marker.touch()
     for t in threads:
         t.join()
-    assert done == [0, 1, 2, 3, 0]
+    processed = [tag for tag, _ in sorted(done, key=lambda r: r[1])]  # in the child's order
+    # Places are handed to 1, 2, 3 in order; which of them reaches the child first also depends
+    # on how fast each thread wakes. Thread 0's second image can only go last.
+    assert processed[:2] == [0, 9] and sorted(processed[2:5]) == [1, 2, 3] and processed[5] == 0
 
 
 def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
@@ -178,7 +188,7 @@ def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodeP
                for t in (1, 2)]  # fmt: skip
     for t in threads:
         t.start()
-    while set(victims) & set(pool.pids()) or pool._idle:  # noqa: SLF001
+    while set(victims) & set(pool.pids()) or pool._free > 2:  # noqa: SLF001  (both calls in a child)
         time.sleep(0.01)
     marker.touch()
     for t in threads:
