@@ -58,11 +58,6 @@ def wait_for(data: bytes, marker: str, tag: int) -> int:
     return tag
 
 
-def stamped_wait(data: bytes, marker: str, tag: int) -> tuple[int, int]:
-    """:func:`wait_for`, and when the child finished it (CLOCK_MONOTONIC is machine-wide)."""
-    return wait_for(data, marker, tag), time.monotonic_ns()
-
-
 @pytest.fixture
 def new_pool() -> Iterator[Callable[..., DecodePool]]:
     """``new_pool(processes, task)``: a warmed-up pool, shut down after the test."""
@@ -140,40 +135,36 @@ def test_a_crash_is_retried_once_on_a_fresh_process(
     assert pool.run(b"", str(marker)) == "survived"  # the pool still serves
 
 
-def test_waiting_threads_are_served_first_come_first_served(
-    new_pool: Callable[..., DecodePool], tmp_path: Path
-) -> None:
-    marker = tmp_path / "go"
-    pool = new_pool(1, stamped_wait)  # one child: room for 2 images (the one decoded and the next)
-    done: list[tuple[int, int]] = []
+def test_waiting_threads_are_served_first_come_first_served(new_pool: Callable[..., DecodePool]) -> None:
+    pool = new_pool(1, echo)  # one child: room for 2 images (the one decoded and the next)
+    order: list[int] = []
 
-    def call(tag: int, times: int) -> None:
-        for _ in range(times):
-            done.append(pool.run(b"", str(marker), tag))
+    def wait_until(condition: Callable[[], bool]) -> None:
+        end = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < end, f"stuck: order {order}, {len(pool._waiting)} waiting"  # noqa: SLF001
+            time.sleep(0.002)
 
-    # Threads 0 and 9 fill the child's two places; threads 1-3 queue up behind them in order.
-    # Thread 0 asks again as soon as its image is done: the place it frees must go to thread 1,
-    # and thread 0 must queue behind thread 3.
-    threads = [threading.Thread(target=call, args=(0, 2))]
-    threads[0].start()
-    while pool._free > 1:  # noqa: SLF001
-        time.sleep(0.005)
-    threads.append(threading.Thread(target=call, args=(9, 1)))
-    threads[-1].start()
-    while pool._free > 0:  # noqa: SLF001
-        time.sleep(0.005)
-    for tag in (1, 2, 3):
-        threads.append(threading.Thread(target=call, args=(tag, 1)))
-        threads[-1].start()
-        while len(pool._waiting) < tag:  # noqa: SLF001
-            time.sleep(0.005)
-    marker.touch()
-    for t in threads:
-        t.join()
-    processed = [tag for tag, _ in sorted(done, key=lambda r: r[1])]  # in the child's order
-    # Places are handed to 1, 2, 3 in order; which of them reaches the child first also depends
-    # on how fast each thread wakes. Thread 0's second image can only go last.
-    assert processed[:2] == [0, 9] and sorted(processed[2:5]) == [1, 2, 3] and processed[5] == 0
+    def take(tag: int) -> None:
+        pool._acquire()  # noqa: SLF001
+        order.append(tag)
+
+    pool._acquire()  # noqa: SLF001
+    pool._acquire()  # noqa: SLF001  (both places taken)
+    for tag in (1, 2, 3):  # queue up in this order
+        threading.Thread(target=take, args=(tag,), daemon=True).start()
+        wait_until(lambda tag=tag: len(pool._waiting) == tag)  # noqa: SLF001
+    pool._release()  # noqa: SLF001
+    wait_until(lambda: order == [1])
+    # A newcomer (or the thread that just released, asking again) queues behind 2 and 3.
+    threading.Thread(target=take, args=(0,), daemon=True).start()
+    wait_until(lambda: len(pool._waiting) == 3)  # noqa: SLF001
+    for expected in ([1, 2], [1, 2, 3], [1, 2, 3, 0]):
+        pool._release()  # noqa: SLF001
+        wait_until(lambda expected=expected: order == expected)
+    assert pool._free == 0 and not pool._waiting  # noqa: SLF001
+    for _ in range(2):
+        pool._release()  # noqa: SLF001  (give the places back for shutdown)
 
 
 def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
