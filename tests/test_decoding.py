@@ -179,7 +179,9 @@ def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodeP
                for t in (1, 2)]  # fmt: skip
     for t in threads:
         t.start()
+    end = time.monotonic() + 60
     while set(victims) & set(pool.pids()) or pool._free > 2:  # noqa: SLF001  (both calls in a child)
+        assert time.monotonic() < end, f"children not replaced: {pool.pids()} (killed {victims})"
         time.sleep(0.01)
     marker.touch()
     for t in threads:
