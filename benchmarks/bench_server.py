@@ -364,6 +364,7 @@ def _markdown(results: list[dict[str, Any]]) -> str:
             f"## Run {i}: {res['date']} ({m['cpus']} CPUs; load average at start "
             f"{m['load_at_start'][0]:.2f}, at end {m['load_at_end'][0]:.2f})",
             "",
+            *([res["note"], ""] if res.get("note") else []),
             "| input | p50 1 client | p99 1 client | thr. 1 client | p50 8 clients | p99 8 clients | thr. 8 clients "
             "| overhead 1 client | overhead 8 clients (queueing) | scaling default / 1 thread "
             "| same, per round | scaling 2 threads / 1 thread | p99(8) / 4 x p50(1) |",
@@ -408,11 +409,16 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4,
                         help="interleaved bursts per configuration (default: 4)")  # fmt: skip
     parser.add_argument("--append", action="store_true", help="add this run to the existing results")
+    parser.add_argument(
+        "--note", default=None, help="what this run measures (e.g. the code state), shown with it"
+    )
     args = parser.parse_args()
     if not DICOM.is_file() or not PNG_SOURCE.is_file():
         print(f"error: shared data not found under {DATA}", file=sys.stderr)
         return 2
     result = run(args.png_requests, args.dicom_requests, args.rounds)
+    if args.note:
+        result["note"] = args.note
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "server.json"
     runs = json.loads(path.read_text())["runs"] if args.append and path.is_file() else []
