@@ -59,7 +59,8 @@ class DecoderCrashedError(MonitorError):
 
 
 class DecodeTimeoutError(Exception):
-    """A decoder process did not answer in time; it was killed and replaced.
+    """An image was not decoded in time: the child working on it was killed and replaced, or
+    the caller's deadline passed before a child reached it (then nothing was killed).
 
     ``caller_deadline`` tells whether the caller's deadline (rather than the pool's own
     time limit) ran out first.
@@ -250,11 +251,6 @@ class _Child:
         self.sock.close()
 
 
-class _Handoff:
-    def __init__(self) -> None:
-        self.ready = threading.Event()
-
-
 class DecodePool:
     """``processes`` spawned decoder processes (spawn, not fork: the parent runs grpc threads).
 
@@ -284,7 +280,7 @@ class DecodePool:
         self._changed = threading.Condition(self._lock)  # a child was replaced
         self._children = [self._spawn() for _ in range(processes)]
         self._free = processes * self.depth  # images that may be in the children's hands
-        self._waiting: collections.deque[_Handoff] = collections.deque()
+        self._waiting: collections.deque[threading.Event] = collections.deque()  # set: your turn
 
     def _spawn(self) -> _Child:
         return _Child(self._context, self._task, self._child_exited)
@@ -297,14 +293,14 @@ class DecodePool:
             if self._free:
                 self._free -= 1
                 return
-            handoff = _Handoff()
-            self._waiting.append(handoff)
-        handoff.ready.wait()
+            turn = threading.Event()
+            self._waiting.append(turn)
+        turn.wait()
 
     def _release(self) -> None:
         with self._lock:
             if self._waiting:
-                self._waiting.popleft().ready.set()
+                self._waiting.popleft().set()
             else:
                 self._free += 1
 
