@@ -29,8 +29,9 @@ from monitor.client import ReliabilityClient, array_request, bytes_request
 from monitor.engine import Engine
 from monitor.server import build_server
 from monitor.server._generated import monitor_pb2 as pb
+from monitor.server._generated import monitor_pb2_grpc as pb_grpc
 from monitor.server.handler import RpcAbortError
-from monitor.server.servicer import SERVICE_NAME
+from monitor.server.servicer import SERVICE_NAME, _remaining
 from monitor.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -255,6 +256,60 @@ def test_deadline_exceeded(client: ReliabilityClient, data_dir: Path) -> None:
     err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[2], timeout=0.001)
     assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert client.score_file(data_dir / "dicom" / DICOMS[0]).image.format == "dicom"
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["in-thread", "one-decoder"])
+def queued_sidecar(engine: Engine, request: pytest.FixtureRequest) -> Iterator[str]:
+    """4 scoring threads in front of at most one decoder process: images wait for the decoder."""
+    server, port = build_server(_settings(workers=4, decode_processes=request.param), engine,
+                                registry=CollectorRegistry())  # fmt: skip
+    server.start()
+    yield f"127.0.0.1:{port}"
+    server.stop(1)
+
+
+@pytest.mark.parametrize("n_clients", [1, 4, 16])
+def test_calls_without_a_deadline_succeed_at_every_concurrency(
+    queued_sidecar: str, data_dir: Path, n_clients: int
+) -> None:
+    """gRPC's default is no deadline (grpc then reports ~9.2e18 s left): plain clients must be
+    served, also when their image waits for a busy decoder (it overflowed ``Event.wait``)."""
+    payload = (data_dir / "dicom" / DICOMS[2]).read_bytes()  # the slowest decode: callers queue
+    per_client = 3
+    codes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def run(i: int) -> None:
+        with grpc.insecure_channel(queued_sidecar) as channel:
+            stub = pb_grpc.ReliabilityMonitorStub(channel)
+            for j in range(per_client):
+                try:
+                    stub.Score(bytes_request(payload, request_id=f"nodeadline-{n_clients}-{i}-{j}"))
+                    code = grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    code = exc.code()
+                with lock:
+                    codes.append(code)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n_clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert codes == [grpc.StatusCode.OK] * (n_clients * per_client)
+
+
+def test_servicer_maps_grpc_no_deadline_to_none() -> None:
+    class NoDeadline:
+        def time_remaining(self) -> float:
+            return 9.22337203505877e18  # what grpc 1.85 returns for a call without a deadline
+
+    class Deadline:
+        def time_remaining(self) -> float:
+            return 2.5
+
+    assert _remaining(NoDeadline())() is None
+    assert _remaining(Deadline())() == 2.5
 
 
 def test_handler_checks_the_deadline_before_decoding(sidecar: tuple, png_bytes: bytes) -> None:

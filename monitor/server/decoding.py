@@ -452,4 +452,7 @@ _RESPAWN_WAIT = 10.0  # seconds to wait for a replacement child
 
 
 def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(deadline - time.monotonic(), 0.0)
+    """Seconds to wait for ``deadline`` (monotonic), clamped to what ``Event.wait`` accepts."""
+    if deadline is None:
+        return None
+    return min(max(deadline - time.monotonic(), 0.0), threading.TIMEOUT_MAX)

@@ -42,12 +42,20 @@ _CLIENT_CODES = frozenset(
 )
 
 
+# grpc reports "no deadline" as ~9.2e18 s left (its infinite-future timestamp): anything past
+# a year is treated as none, so no wait is ever computed from it (threading waits overflow).
+_NO_DEADLINE_SECONDS = 365 * 24 * 3600.0
+
+
 def _remaining(context: grpc.ServicerContext) -> Callable[[], float | None]:
+    """Seconds left before the caller's deadline, or ``None`` when the call has none."""
+
     def remaining() -> float | None:
         try:
-            return context.time_remaining()
+            left = context.time_remaining()
         except TypeError:  # no deadline on some grpc versions: deadline is None
             return None
+        return None if left is None or left > _NO_DEADLINE_SECONDS else left
 
     return remaining
 
