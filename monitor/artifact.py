@@ -23,7 +23,7 @@ import numpy as np
 
 from .clustering import SpectralClusterer
 from .drift import DriftThresholds
-from .errors import ArtifactError
+from .errors import ArtifactError, InvalidInputError
 from .model import ReliabilityModel
 from .reliability import ClusterCalibrator, ClusterFailureRates
 from .spectrum import SPEC_VERSION, SpectralProfiler
@@ -140,9 +140,10 @@ def load_model(directory: str | os.PathLike) -> ReliabilityModel:
         with np.load(io.BytesIO(npz), allow_pickle=False) as z:
             arrays = {k: z[k] for k in z.files}
         spec = doc["spectrum"]
-        profiler = SpectralProfiler(working_size=spec["working_size"], n_bands=spec["n_bands"])
-        if list(profiler.feature_names) != spec["feature_names"]:
-            raise ArtifactError(f"{directory}: feature names differ from those of spec {SPEC_VERSION}")
+        try:
+            profiler = SpectralProfiler.from_spec(spec)
+        except InvalidInputError as exc:
+            raise ArtifactError(f"{directory}: {exc}") from None
         clusterer = SpectralClusterer.from_state(
             doc["clusterer"],
             {k.removeprefix("clusterer."): v for k, v in arrays.items() if k.startswith("clusterer.")},

@@ -90,7 +90,7 @@ def _profile_one(
     try:
         image = load_bytes(data, name=str(path), max_pixels=max_pixels)
         del data
-        features = profiler.profile(image.pixels)
+        features = profiler.profile_image(image)
     except MonitorError as exc:
         return None, None, str(exc), False
     meta = image.meta.to_dict()

@@ -89,7 +89,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     status = EXIT_OK
     for path in expand_paths(args.paths):
         try:
-            features = profiler.profile(load_image(path).pixels)
+            features = profiler.profile_image(load_image(path))
         except MonitorError as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = EXIT_PARTIAL

@@ -45,9 +45,8 @@ class Engine:
     ) -> None:
         self.model = model
         self.max_pixels = max_pixels
-        spec = model.profiler
-        self.profiler = SpectralProfiler(
-            spec.working_size, spec.n_bands, fft_threads=fft_threads, wisdom_path=wisdom_path
+        self.profiler = SpectralProfiler.from_spec(
+            model.profiler.spec(), fft_threads=fft_threads, wisdom_path=wisdom_path
         )
 
     @classmethod
@@ -68,7 +67,7 @@ class Engine:
     ) -> ScoredImage:
         """Profile and score one decoded image."""
         t0 = time.perf_counter()
-        profile = self.profiler.profile(image.pixels)
+        profile = self.profiler.profile_image(image)
         timings = {"decode": decode_seconds, "profile": time.perf_counter() - t0}
         return self.score_profile(profile, image.meta, classifier_score, timings)
 

@@ -14,11 +14,13 @@ import time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyfftw
 
 from .errors import InvalidImageError, InvalidInputError
+from .types import LoadedImage
 
 __all__ = [
     "DEFAULT_N_BANDS",
@@ -335,6 +337,38 @@ class SpectralProfiler:
             "band_edges_cycles_per_image": [round(float(e), 6) for e in self._bins.edges],
             "feature_names": list(self.feature_names),
         }
+
+    @classmethod
+    def from_spec(cls, spec: dict, **runtime: Any) -> SpectralProfiler:
+        """The profiler a :meth:`spec` describes; the inverse of :meth:`spec`.
+
+        Parameters
+        ----------
+        spec : dict
+            As written by :meth:`spec` (e.g. read back from a model artifact).
+        **runtime
+            Settings that do not change the profile: ``fft_threads``, ``planner_effort``,
+            ``wisdom_path``.
+
+        Raises
+        ------
+        InvalidInputError
+            The spec is of another version, or names other features than this version computes.
+        """
+        version = spec.get("spec_version")
+        if version != SPEC_VERSION:
+            raise InvalidInputError(
+                f"profile spec version {version!r} is not supported (this build computes {SPEC_VERSION!r})"
+            )
+        profiler = cls(working_size=int(spec["working_size"]), n_bands=int(spec["n_bands"]), **runtime)
+        names = spec.get("feature_names")
+        if names is not None and list(names) != list(profiler.feature_names):
+            raise InvalidInputError(f"feature names differ from those of profile spec {SPEC_VERSION}")
+        return profiler
+
+    def profile_image(self, image: LoadedImage) -> np.ndarray:
+        """Profile of a decoded image (pixels and header); the entry point of the per-image path."""
+        return self.profile(image.pixels)
 
     def _working_image(self, pixels: np.ndarray) -> np.ndarray:
         """Centre square crop, anti-aliased resample to working_size; float32."""

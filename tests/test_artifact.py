@@ -208,7 +208,7 @@ def test_feature_names_of_another_spec(saved: Path) -> None:
     doc["spectrum"]["feature_names"][0] = "something_else"
     (saved / "model.json").write_text(json.dumps(doc))
     _rewrite_manifest(saved)
-    with pytest.raises(ArtifactError, match="feature names differ from those of spec 1.0"):
+    with pytest.raises(ArtifactError, match="feature names differ from those of profile spec 1.0"):
         load_model(saved)
 
 

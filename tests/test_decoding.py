@@ -6,6 +6,7 @@ The tasks below run in spawned children, which import this module by name.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -224,7 +225,9 @@ def test_shutdown_stops_every_child() -> None:
 
 
 def test_decode_and_profile_matches_the_profiler(png_bytes_small: bytes) -> None:
-    profile, meta, decode_s, profile_s = decode_and_profile(png_bytes_small, None, "a.png", 10**7, 128, 8)
+    profile, meta, decode_s, profile_s = decode_and_profile(
+        png_bytes_small, None, "a.png", 10**7, json.dumps(SpectralProfiler(128, 8).spec())
+    )
     assert meta.format == "png" and decode_s >= 0 and profile_s >= 0
     from monitor.imaging import load_bytes
 

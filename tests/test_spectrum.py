@@ -351,3 +351,19 @@ def test_estimate_plans_agree_across_processes() -> None:
 
 def test_default_profiles_agree_across_processes() -> None:
     assert len(_profiles_in_processes("default")) == 1
+
+
+def test_from_spec_is_the_inverse_of_spec() -> None:
+    p = SpectralProfiler(working_size=128, n_bands=12)
+    q = SpectralProfiler.from_spec(p.spec(), fft_threads=2)
+    assert q.spec() == p.spec() and q.fft_threads == 2
+    x = np.random.default_rng(3).random((150, 140))
+    np.testing.assert_array_equal(q.profile(x), p.profile(x))
+
+
+def test_from_spec_refuses_another_version_or_other_features() -> None:
+    spec = SpectralProfiler(working_size=128, n_bands=12).spec()
+    with pytest.raises(InvalidInputError, match=r"profile spec version '0.9' is not supported"):
+        SpectralProfiler.from_spec({**spec, "spec_version": "0.9"})
+    with pytest.raises(InvalidInputError, match="feature names differ"):
+        SpectralProfiler.from_spec({**spec, "feature_names": spec["feature_names"][::-1]})

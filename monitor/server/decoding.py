@@ -23,6 +23,7 @@ decoding, profiling and scoring (1.6% in-thread).
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import multiprocessing
 import pickle
@@ -78,20 +79,23 @@ class RemoteTracebackError(Exception):
         return "\n" + str(self.args[0])
 
 
-_PROFILERS: dict[tuple[int, int], SpectralProfiler] = {}
+_PROFILERS: dict[str, SpectralProfiler] = {}
 
 
 def decode_and_profile(
-    data: bytes, kind: str | None, name: str, max_pixels: int, working_size: int, n_bands: int
+    data: bytes, kind: str | None, name: str, max_pixels: int, spec: str
 ) -> tuple[np.ndarray, ImageMeta, float, float]:
-    """What a child does per image: (profile, header, decode seconds, profile seconds)."""
+    """What a child does per image: (profile, header, decode seconds, profile seconds).
+
+    ``spec`` is the profiler's :meth:`~monitor.spectrum.SpectralProfiler.spec` as JSON.
+    """
     t0 = time.perf_counter()
     image = imaging.load_bytes(data, kind=kind, name=name, max_pixels=max_pixels)
     t1 = time.perf_counter()
-    profiler = _PROFILERS.get((working_size, n_bands))
+    profiler = _PROFILERS.get(spec)
     if profiler is None:
-        profiler = _PROFILERS[(working_size, n_bands)] = SpectralProfiler(working_size, n_bands)
-    profile = profiler.profile(image.pixels)
+        profiler = _PROFILERS[spec] = SpectralProfiler.from_spec(json.loads(spec))
+    profile = profiler.profile_image(image)
     return profile, image.meta, t1 - t0, time.perf_counter() - t1
 
 
@@ -412,7 +416,7 @@ class DecodePool:
         Errors are those of :func:`monitor.imaging.load_bytes` and
         :meth:`monitor.spectrum.SpectralProfiler.profile`, and those of :meth:`run`.
         """
-        args = (kind, name, max_pixels, profiler.working_size, profiler.n_bands)
+        args = (kind, name, max_pixels, json.dumps(profiler.spec(), sort_keys=True))
         return self.run(data, *args, timeout=timeout, deadline=deadline)
 
     def _child_exited(self, dead: _Child) -> None:
