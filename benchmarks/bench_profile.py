@@ -218,14 +218,14 @@ def scoring_memory(model_dir: Path, blobs: list[bytes], calls: int) -> dict[str,
     """RSS and tracemalloc while scoring ``calls`` images one by one through Engine.score_bytes."""
     engine = Engine.from_directory(model_dir)
     for b in blobs[:5]:
-        engine.score_bytes(b)  # plans, lru caches and lazy imports before the baseline
+        engine.score(b)  # plans, lru caches and lazy imports before the baseline
     gc.collect()
     rss, traced = [], []
     tracemalloc.start()
     base_traced = tracemalloc.get_traced_memory()[0]
     rss0 = _rss_bytes()
     for i in range(calls):
-        engine.score_bytes(blobs[i % len(blobs)])
+        engine.score(blobs[i % len(blobs)])
         if (i + 1) % 50 == 0:
             rss.append(_rss_bytes())
             traced.append(tracemalloc.get_traced_memory()[0] - base_traced)

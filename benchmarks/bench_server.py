@@ -249,12 +249,12 @@ def gil_check() -> dict[str, float]:
     engine = Engine.from_directory(default_model_dir())
     png = _inputs()["png_1024"].encoded.data
     dcm = DICOM.read_bytes()
-    png_pixels, dcm_pixels = engine.load_bytes(png).pixels, engine.load_bytes(dcm).pixels
+    png_pixels, dcm_pixels = engine.load(png).pixels, engine.load(dcm).pixels
     return {
-        "decode png_1024": gil_share(lambda: engine.load_bytes(png)),
-        "decode dicom_j2k": gil_share(lambda: engine.load_bytes(dcm)),
-        "profile png_1024": gil_share(lambda: engine.profiler.profile(png_pixels)),
-        "profile dicom_j2k": gil_share(lambda: engine.profiler.profile(dcm_pixels)),
+        "decode png_1024": gil_share(lambda: engine.load(png)),
+        "decode dicom_j2k": gil_share(lambda: engine.load(dcm)),
+        "profile png_1024": gil_share(lambda: engine.profile(png_pixels)),
+        "profile dicom_j2k": gil_share(lambda: engine.profile(dcm_pixels)),
     }
 
 

@@ -211,7 +211,7 @@ def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None
     for path in tqdm(paths, desc="scoring", unit="img", disable=not args.progress, leave=False):
         s = scores.get(path.name, scores.get(str(path)))
         try:
-            result = engine.score_path(path, classifier_score=s)
+            result = engine.score(path, classifier_score=s)
         except MonitorError as exc:
             print(f"error: {exc}", file=sys.stderr)
             status = EXIT_PARTIAL

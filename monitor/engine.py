@@ -1,4 +1,9 @@
-"""The one object the server and the CLI call: load → profile → score, and drift windows."""
+"""The one object the server and the CLI call: load → profile → score, and drift windows.
+
+:meth:`Engine.score` is the whole per-image path: it takes encoded bytes, a file path,
+a pixel array or a decoded image and returns the scored image, decoding in the calling
+thread or in decoder processes (:class:`~monitor.decoding.DecodePool`) as configured.
+"""
 
 from __future__ import annotations
 
@@ -11,18 +16,25 @@ import numpy as np
 
 from . import imaging
 from .artifact import load_model
+from .decoding import DecodePool
 from .drift import SlidingWindow
+from .errors import DeadlineExceededError
 from .model import ReliabilityModel
 from .spectrum import SpectralProfiler
 from .types import DriftReport, ImageMeta, LoadedImage, ScoredImage
 
-__all__ = ["Engine"]
+__all__ = ["DEFAULT_DECODE_TIMEOUT", "Engine", "Source"]
+
+DEFAULT_DECODE_TIMEOUT = 60.0  # seconds a decoder process may spend on one image
+
+Source = bytes | bytearray | memoryview | str | os.PathLike | np.ndarray | LoadedImage
 
 
 class Engine:
     """Score images with a fitted :class:`~monitor.model.ReliabilityModel`.
 
-    Thread-safe for scoring: the model is read-only and FFT plans are per thread.
+    Thread-safe for scoring: the model is read-only, FFT plans are per thread and the
+    decoder pool hands images to its processes in arrival order.
 
     Parameters
     ----------
@@ -33,6 +45,11 @@ class Engine:
         FFTW threads per transform.
     wisdom_path : path, optional
         FFTW wisdom file, read before the first plan and updated when planning learnt more.
+    decode_processes : int, default=0
+        Processes that decode and profile encoded images (0: in the calling thread). Arrays
+        and decoded images are always profiled in the calling thread.
+    decode_timeout : float, default=60
+        Seconds a decoder process may spend on one image before it is killed and replaced.
     """
 
     def __init__(
@@ -42,34 +59,129 @@ class Engine:
         max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
         fft_threads: int = 1,
         wisdom_path: str | os.PathLike | None = None,
+        decode_processes: int = 0,
+        decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
     ) -> None:
         self.model = model
         self.max_pixels = max_pixels
-        self.profiler = SpectralProfiler.from_spec(
+        self.decode_timeout = decode_timeout
+        self._profiler = SpectralProfiler.from_spec(
             model.profiler.spec(), fft_threads=fft_threads, wisdom_path=wisdom_path
         )
+        self._decoders = DecodePool(decode_processes) if decode_processes else None
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, **kwargs: Any) -> Engine:
         return cls(load_model(directory), **kwargs)
 
-    def load_path(self, path: str | os.PathLike) -> LoadedImage:
-        return imaging.load_image(path, max_pixels=self.max_pixels)
+    @property
+    def decode_processes(self) -> int:
+        return 0 if self._decoders is None else self._decoders.processes
 
-    def load_bytes(self, data: bytes, *, kind: str | None = None, name: str = "<bytes>") -> LoadedImage:
-        return imaging.load_bytes(data, kind=kind, name=name, max_pixels=self.max_pixels)
+    @property
+    def stuck_decoder_kills(self) -> int:
+        """Decoder processes killed because they were stuck past ``decode_timeout``."""
+        return 0 if self._decoders is None else self._decoders.stuck_kills
 
-    def load_array(self, array: np.ndarray, *, name: str = "<array>") -> LoadedImage:
-        return imaging.from_array(array, name=name, max_pixels=self.max_pixels)
+    def decoder_pids(self) -> list[int | None]:
+        """Process ids of the decoder processes (diagnostics and tests; empty without any)."""
+        return [] if self._decoders is None else self._decoders.pids()
 
-    def score_loaded(
-        self, image: LoadedImage, classifier_score: float | None = None, decode_seconds: float = 0.0
+    # ------------------------------------------------------------------ lifecycle
+    def warm_up(self) -> None:
+        """Build this thread's FFT plans and start the decoder processes' imports.
+
+        Call it once in each thread that will score, before the first request, so that
+        planning does not add to a request's latency.
+        """
+        n = self._profiler.working_size
+        self._profiler.profile(np.random.default_rng(0).random((n, n), dtype=np.float32))
+        if self._decoders is not None:
+            self._decoders.warm_up()
+
+    def close(self) -> None:
+        """Stop the decoder processes (call once no thread is scoring)."""
+        if self._decoders is not None:
+            self._decoders.shutdown()
+
+    # ------------------------------------------------------------------ the per-image path
+    def load(self, source: Source, *, kind: str | None = None, name: str | None = None) -> LoadedImage:
+        """Decode ``source`` (bytes, path, array or an already decoded image) in this thread."""
+        if isinstance(source, LoadedImage):
+            return source
+        if isinstance(source, np.ndarray):
+            return imaging.from_array(source, name=name or "<array>", max_pixels=self.max_pixels)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return imaging.load_bytes(
+                bytes(source), kind=kind, name=name or "<bytes>", max_pixels=self.max_pixels
+            )
+        return imaging.load_image(Path(source), max_pixels=self.max_pixels)
+
+    def score(
+        self,
+        source: Source,
+        *,
+        kind: str | None = None,
+        name: str | None = None,
+        classifier_score: float | None = None,
+        deadline: float | None = None,
     ) -> ScoredImage:
-        """Profile and score one decoded image."""
+        """Decode, profile and score one image.
+
+        Parameters
+        ----------
+        source : bytes, path, ndarray or LoadedImage
+            Encoded file contents, a file path, a pixel array of shape (rows, columns), or a
+            decoded image. Encoded bytes go to a decoder process when there are any.
+        kind : {None, "dicom", "png", "jpeg", "webp", "tiff"}
+            Format of encoded bytes (``None``: sniffed).
+        name : str, optional
+            Names the image in errors and metadata (a path names itself).
+        classifier_score : float, optional
+            The classifier's probability, calibrated within the image's cluster.
+        deadline : float, optional
+            A ``time.monotonic()`` instant: the work is not started, or no longer waited
+            for, after it.
+
+        Raises
+        ------
+        InvalidInputError, ImageTooLargeError, ...
+            What :mod:`monitor.imaging` raises for a bad image.
+        DeadlineExceededError, DecodeTimeoutError, DecoderCrashedError
+            Deadline passed; a decoder process was stuck or crashed twice on the image.
+        """
+        _check_deadline(deadline, name, "decoding")
+        if self._decoders is not None and not isinstance(source, (np.ndarray, LoadedImage)):
+            if not isinstance(source, (bytes, bytearray, memoryview)):
+                path = Path(source)
+                name = name or str(path)
+                source = imaging.read_file(path)
+            profile, meta, decode, prof = self._decoders.profile_bytes(
+                bytes(source),
+                kind=kind,
+                name=name or "<bytes>",
+                max_pixels=self.max_pixels,
+                profiler=self._profiler,
+                timeout=self.decode_timeout,
+                deadline=deadline,
+            )
+            return self.score_profile(profile, meta, classifier_score, {"decode": decode, "profile": prof})
         t0 = time.perf_counter()
-        profile = self.profiler.profile_image(image)
-        timings = {"decode": decode_seconds, "profile": time.perf_counter() - t0}
+        image = self.load(source, kind=kind, name=name)
+        decode = time.perf_counter() - t0
+        _check_deadline(deadline, name or image.meta.source, "the spectral profile")
+        t0 = time.perf_counter()
+        profile = self._profiler.profile_image(image)
+        timings = {"decode": decode, "profile": time.perf_counter() - t0}
         return self.score_profile(profile, image.meta, classifier_score, timings)
+
+    def profile(self, source: Source, *, kind: str | None = None, name: str | None = None) -> np.ndarray:
+        """The profile of one image, shape (n_features,), in the order of :attr:`feature_names`."""
+        return self._profiler.profile_image(self.load(source, kind=kind, name=name))
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        return self._profiler.feature_names
 
     def score_profile(
         self,
@@ -98,30 +210,7 @@ class Engine:
             timings={**spent, "score": time.perf_counter() - t0},
         )
 
-    def score_path(self, path: str | os.PathLike, classifier_score: float | None = None) -> ScoredImage:
-        t0 = time.perf_counter()
-        image = self.load_path(Path(path))
-        return self.score_loaded(image, classifier_score, time.perf_counter() - t0)
-
-    def score_bytes(
-        self,
-        data: bytes,
-        *,
-        kind: str | None = None,
-        name: str = "<bytes>",
-        classifier_score: float | None = None,
-    ) -> ScoredImage:
-        t0 = time.perf_counter()
-        image = self.load_bytes(data, kind=kind, name=name)
-        return self.score_loaded(image, classifier_score, time.perf_counter() - t0)
-
-    def score_array(
-        self, array: np.ndarray, *, name: str = "<array>", classifier_score: float | None = None
-    ) -> ScoredImage:
-        t0 = time.perf_counter()
-        image = self.load_array(array, name=name)
-        return self.score_loaded(image, classifier_score, time.perf_counter() - t0)
-
+    # ------------------------------------------------------------------ drift
     def new_window(
         self, max_images: int | None = None, max_age_seconds: float | None = None
     ) -> SlidingWindow:
@@ -140,3 +229,8 @@ class Engine:
         for s in scored:
             window.add(s.result.cluster, s.result.is_novel, s.result.cluster_failure_probability, s.z_profile)
         return self.model.drift(window)
+
+
+def _check_deadline(deadline: float | None, name: str | None, step: str) -> None:
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceededError(f"{name or 'image'}: deadline exceeded before {step}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "ArtifactError",
+    "DeadlineExceededError",
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidInputError",
@@ -24,7 +25,7 @@ class MonitorError(Exception):
     ----------
     code : str
         Transport-neutral category: ``"invalid_argument"``, ``"resource_exhausted"``,
-        ``"failed_precondition"`` or ``"internal"``.
+        ``"failed_precondition"``, ``"deadline_exceeded"`` or ``"internal"``.
     """
 
     code = "internal"
@@ -60,3 +61,9 @@ class NotFittedError(MonitorError, AttributeError):
     """An estimator method was called before ``fit``."""
 
     code = "failed_precondition"
+
+
+class DeadlineExceededError(MonitorError):
+    """The caller's deadline passed before the work could be done."""
+
+    code = "deadline_exceeded"

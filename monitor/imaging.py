@@ -35,6 +35,7 @@ __all__ = [
     "iter_image_files",
     "load_bytes",
     "load_image",
+    "read_file",
     "sniff_format",
 ]
 
@@ -132,16 +133,27 @@ def load_image(
         The header announces more than ``max_pixels`` pixels.
     """
     name = os.fspath(path)
+    return load_bytes(read_file(name), name=name, max_pixels=max_pixels, min_size=min_size)
+
+
+def read_file(path: str | os.PathLike[str]) -> bytes:
+    """The bytes of an image file, with the loader's errors for a missing or unreadable one.
+
+    Raises
+    ------
+    InvalidImageError
+        Missing file, directory, or a read error.
+    """
+    name = os.fspath(path)
     p = Path(name)
     if p.is_dir():
         raise InvalidImageError(f"{name}: is a directory, not an image file")
     try:
-        data = p.read_bytes()
+        return p.read_bytes()
     except FileNotFoundError as exc:
         raise InvalidImageError(f"{name}: no such file") from exc
     except OSError as exc:
         raise InvalidImageError(f"{name}: cannot read file ({exc.strerror or exc})") from exc
-    return load_bytes(data, name=name, max_pixels=max_pixels, min_size=min_size)
 
 
 def load_bytes(

@@ -1,4 +1,4 @@
-"""Tests for monitor.server.decoding.DecodePool: results, errors and crashes of decoder processes.
+"""Tests for monitor.decoding.DecodePool: results, errors and crashes of decoder processes.
 
 The tasks below run in spawned children, which import this module by name.
 """
@@ -16,14 +16,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitor.errors import InvalidImageError
-from monitor.server.decoding import (
+from monitor.decoding import (
     DecodePool,
     DecoderCrashedError,
     DecodeTimeoutError,
+    RemoteError,
     RemoteTracebackError,
     decode_and_profile,
+    profile_from_payload,
 )
+from monitor.errors import InvalidImageError
 from monitor.spectrum import SpectralProfiler
 
 
@@ -34,9 +36,9 @@ def echo(data: bytes, *args: object) -> tuple:
 def fail(data: bytes, kind: str) -> None:
     if kind == "monitor":
         raise InvalidImageError("x.png: truncated")
-    if kind == "unpicklable":
+    if kind == "local-class":
 
-        class LocalError(Exception):  # a class pickle cannot find by name
+        class LocalError(Exception):  # a class the parent could not find by name
             pass
 
         raise LocalError("local detail")
@@ -105,8 +107,8 @@ def test_runs_in_the_children_and_spreads_concurrent_calls(pool: DecodePool) -> 
     ("kind", "error", "message", "remote"),
     [
         ("monitor", InvalidImageError, "x.png: truncated", False),  # our errors come back as they are
-        ("bug", KeyError, "a bug", True),  # others carry the child's traceback
-        ("unpicklable", RuntimeError, "LocalError: local detail", True),
+        ("bug", RemoteError, "KeyError: 'a bug'", True),  # others carry the child's traceback
+        ("local-class", RemoteError, "LocalError: local detail", True),
     ],
 )
 def test_errors_come_back_and_the_child_stays(
@@ -147,11 +149,11 @@ def test_waiting_threads_are_served_first_come_first_served(new_pool: Callable[.
             time.sleep(0.002)
 
     def take(tag: int) -> None:
-        pool._acquire()  # noqa: SLF001
+        pool._acquire(None)  # noqa: SLF001
         order.append(tag)
 
-    pool._acquire()  # noqa: SLF001
-    pool._acquire()  # noqa: SLF001  (both places taken)
+    pool._acquire(None)  # noqa: SLF001
+    pool._acquire(None)  # noqa: SLF001  (both places taken)
     for tag in (1, 2, 3):  # queue up in this order
         threading.Thread(target=take, args=(tag,), daemon=True).start()
         wait_until(lambda tag=tag: len(pool._waiting) == tag)  # noqa: SLF001
@@ -191,21 +193,85 @@ def test_children_killed_while_idle_are_replaced(new_pool: Callable[..., DecodeP
     assert not set(victims) & set(pool.pids())
 
 
-@pytest.mark.parametrize("caller", [False, True])
 def test_a_stuck_child_is_killed_after_the_time_limit(
-    new_pool: Callable[..., DecodePool], tmp_path: Path, caller: bool
+    new_pool: Callable[..., DecodePool], tmp_path: Path
 ) -> None:
     marker = tmp_path / "never"
     pool = new_pool(1, wait_for)
     (stuck,) = pool.pids()
-    limits = {"deadline": time.monotonic() + 0.3, "timeout": 30.0} if caller else {"timeout": 0.3}
     with pytest.raises(DecodeTimeoutError, match="the decoder process was stopped and replaced") as info:
-        pool.run(b"", str(marker), 1, **limits)
-    assert info.value.caller_deadline is caller
-    assert ("deadline" in str(info.value)) is caller
-    assert pool.pids() != [stuck]
+        pool.run(b"", str(marker), 1, timeout=0.3)
+    assert info.value.caller_deadline is False and info.value.code == "resource_exhausted"
+    assert pool.stuck_kills == 1
+    end = time.monotonic() + 30
+    while pool.pids() == [stuck]:  # replaced by the dead child's reader thread
+        assert time.monotonic() < end, "the stuck child was not replaced"
+        time.sleep(0.01)
     marker.touch()
     assert pool.run(b"", str(marker), 2, timeout=30.0) == 2  # the replacement serves
+
+
+def test_a_caller_deadline_never_kills_the_child(new_pool: Callable[..., DecodePool], tmp_path: Path) -> None:
+    """Short client deadlines must not cost every other caller a process start (issue 9, defect 1)."""
+    marker = tmp_path / "go"
+    pool = new_pool(1, wait_for)
+    (child,) = pool.pids()
+    with pytest.raises(
+        DecodeTimeoutError, match="deadline passed while a decoder process worked on it"
+    ) as info:
+        pool.run(b"", str(marker), 1, timeout=30.0, deadline=time.monotonic() + 0.2)
+    assert info.value.caller_deadline is True and info.value.code == "deadline_exceeded"
+    marker.touch()  # the abandoned image finishes; its reply is dropped
+    assert pool.run(b"", str(marker), 2, timeout=30.0) == 2
+    assert pool.pids() == [child] and pool.stuck_kills == 0
+
+
+def test_a_caller_whose_deadline_passes_in_the_queue_never_reaches_a_child(
+    new_pool: Callable[..., DecodePool], tmp_path: Path
+) -> None:
+    marker = tmp_path / "go"
+    pool = new_pool(1, wait_for)
+    holders = [threading.Thread(target=pool.run, args=(b"", str(marker), t)) for t in (1, 2)]
+    for t in holders:
+        t.start()  # both places in the child's hands
+    end = time.monotonic() + 30
+    while pool._free:  # noqa: SLF001
+        assert time.monotonic() < end
+        time.sleep(0.005)
+    with pytest.raises(DecodeTimeoutError, match="deadline passed while waiting for a decoder process"):
+        pool.run(b"", str(marker), 3, deadline=time.monotonic() + 0.2)
+    assert not pool._waiting  # noqa: SLF001  (it left the queue)
+    marker.touch()
+    for t in holders:
+        t.join(30)
+    assert pool._free == 2  # noqa: SLF001  (every place given back)
+
+
+def test_replies_are_plain_data_never_pickles(tmp_path: Path) -> None:
+    """A compromised decoder must not make the server run code (issue 9, defect 7)."""
+    import pickle
+    import socket
+
+    from monitor.decoding import DecoderProtocolError, _recv, _send
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self) -> tuple:
+            return (Path.touch, (marker,))
+
+    a, b = socket.socketpair()
+    with a, b:
+        blob = pickle.dumps(Evil())
+        a.sendall(len(blob).to_bytes(8, "big") + (0).to_bytes(8, "big") + blob)
+        with pytest.raises(DecoderProtocolError, match="frame header is not JSON"):
+            _recv(b, max_data=1 << 20)
+        _send(a, {"ok": [1, 2]}, b"xyz")
+        assert _recv(b, max_data=1 << 20) == ({"ok": [1, 2]}, b"xyz")
+        a.sendall((2 << 20).to_bytes(8, "big") + (0).to_bytes(8, "big"))
+        with pytest.raises(DecoderProtocolError, match="larger than allowed"):
+            _recv(b, max_data=1 << 20)
+    assert not marker.exists()
 
 
 @pytest.mark.parametrize("size", [0, 1, 100_000, 3_000_001])
@@ -225,9 +291,10 @@ def test_shutdown_stops_every_child() -> None:
 
 
 def test_decode_and_profile_matches_the_profiler(png_bytes_small: bytes) -> None:
-    profile, meta, decode_s, profile_s = decode_and_profile(
+    reply = decode_and_profile(
         png_bytes_small, None, "a.png", 10**7, json.dumps(SpectralProfiler(128, 8).spec())
     )
+    profile, meta, decode_s, profile_s = profile_from_payload(reply.header, reply.data)
     assert meta.format == "png" and decode_s >= 0 and profile_s >= 0
     from monitor.imaging import load_bytes
 

@@ -42,12 +42,12 @@ def nih_paths(data_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def kermany_scored(engine: Engine, kermany_paths: list[Path]) -> list[ScoredImage]:
-    return [engine.score_path(p) for p in kermany_paths]
+    return [engine.score(p) for p in kermany_paths]
 
 
 @pytest.fixture(scope="module")
 def nih_scored(engine: Engine, nih_paths: list[Path]) -> list[ScoredImage]:
-    return [engine.score_path(p) for p in nih_paths]
+    return [engine.score(p) for p in nih_paths]
 
 
 def _assert_finite(s: ScoredImage, n_clusters: int) -> None:
@@ -63,7 +63,7 @@ def _assert_finite(s: ScoredImage, n_clusters: int) -> None:
 
 @pytest.mark.parametrize("name", DICOMS)
 def test_score_real_dicoms(engine: Engine, data_dir: Path, name: str) -> None:
-    scored = engine.score_path(data_dir / "dicom" / name)
+    scored = engine.score(data_dir / "dicom" / name)
     _assert_finite(scored, engine.model.n_clusters)
     assert scored.meta.format == "dicom"
     assert scored.result.method == "cluster"
@@ -88,8 +88,8 @@ def test_kermany_more_novel_than_nih(
 
 def test_score_bytes_equals_score_path(engine: Engine, kermany_paths: list[Path], data_dir: Path) -> None:
     for path in (kermany_paths[0], data_dir / "dicom" / DICOMS[2]):
-        by_path = engine.score_path(path)
-        by_bytes = engine.score_bytes(path.read_bytes(), name=path.name)
+        by_path = engine.score(path)
+        by_bytes = engine.score(path.read_bytes(), name=path.name)
         assert by_bytes.result == by_path.result
         assert np.array_equal(by_bytes.z_profile, by_path.z_profile)
         assert by_bytes.meta.rows == by_path.meta.rows and by_bytes.meta.format == by_path.meta.format
@@ -97,13 +97,13 @@ def test_score_bytes_equals_score_path(engine: Engine, kermany_paths: list[Path]
 
 def test_score_array_equals_score_path(engine: Engine, nih_paths: list[Path]) -> None:
     pixels = load_image(nih_paths[0]).pixels
-    assert engine.score_array(pixels).result == engine.score_path(nih_paths[0]).result
+    assert engine.score(pixels).result == engine.score(nih_paths[0]).result
 
 
 def test_classifier_score_uses_calibration(engine: Engine, nih_paths: list[Path]) -> None:
     assert engine.model.calibrator is not None
-    low = engine.score_path(nih_paths[0], classifier_score=0.01).result
-    high = engine.score_path(nih_paths[0], classifier_score=0.99).result
+    low = engine.score(nih_paths[0], classifier_score=0.01).result
+    high = engine.score(nih_paths[0], classifier_score=0.99).result
     assert low.method == high.method == "calibrated_score"
     assert low.cluster_failure_probability == high.cluster_failure_probability
     assert low.failure_probability != high.failure_probability
@@ -112,12 +112,12 @@ def test_classifier_score_uses_calibration(engine: Engine, nih_paths: list[Path]
 def test_max_pixels_is_enforced(nih_paths: list[Path]) -> None:
     small = Engine.from_directory(MODEL_DIR, max_pixels=500_000)
     with pytest.raises(ImageTooLargeError):
-        small.score_path(nih_paths[0])
+        small.score(nih_paths[0])
 
 
 def test_bad_bytes(engine: Engine) -> None:
     with pytest.raises(InvalidImageError):
-        engine.score_bytes(b"definitely not an image", name="junk.bin")
+        engine.score(b"definitely not an image", name="junk.bin")
 
 
 def test_memory_does_not_grow(engine: Engine, kermany_paths: list[Path]) -> None:
@@ -126,10 +126,10 @@ def test_memory_does_not_grow(engine: Engine, kermany_paths: list[Path]) -> None
     tracemalloc.start()
     try:
         for _ in range(20):
-            engine.score_bytes(data, name="same.jpeg")
+            engine.score(data, name="same.jpeg")
         after_warmup = tracemalloc.get_traced_memory()[0]
         for _ in range(280):
-            engine.score_bytes(data, name="same.jpeg")
+            engine.score(data, name="same.jpeg")
         after_all = tracemalloc.get_traced_memory()[0]
     finally:
         tracemalloc.stop()

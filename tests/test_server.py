@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -24,13 +24,15 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 from prometheus_client import CollectorRegistry
 
+from monitor.artifact import load_model
 from monitor.cli import default_model_dir
 from monitor.client import ReliabilityClient, array_request, bytes_request
 from monitor.engine import Engine
+from monitor.errors import DeadlineExceededError
+from monitor.model import ReliabilityModel
 from monitor.server import build_server
 from monitor.server._generated import monitor_pb2 as pb
 from monitor.server._generated import monitor_pb2_grpc as pb_grpc
-from monitor.server.handler import RpcAbortError
 from monitor.server.servicer import SERVICE_NAME, _remaining
 from monitor.settings import Settings
 
@@ -45,8 +47,27 @@ GARBAGE = b"this is not an image, just text " * 8
 
 
 @pytest.fixture(scope="module")
-def engine() -> Engine:
-    return Engine.from_directory(default_model_dir(), max_pixels=MAX_PIXELS)
+def model() -> ReliabilityModel:
+    return load_model(default_model_dir())
+
+
+@pytest.fixture(scope="module")
+def engine(model: ReliabilityModel) -> Engine:
+    return Engine(model, max_pixels=MAX_PIXELS)
+
+
+@pytest.fixture
+def decoding_engine(model: ReliabilityModel) -> Iterator[Callable[..., Engine]]:
+    """``decoding_engine(processes, **kw)``: an engine with decoder processes, closed after the test."""
+    engines: list[Engine] = []
+
+    def make(processes: int, **kw: object) -> Engine:
+        engines.append(Engine(model, max_pixels=MAX_PIXELS, decode_processes=processes, **kw))  # type: ignore[arg-type]
+        return engines[-1]
+
+    yield make
+    for e in engines:
+        e.close()
 
 
 def _settings(**kw: object) -> Settings:
@@ -57,14 +78,16 @@ def _settings(**kw: object) -> Settings:
 
 
 @pytest.fixture(scope="module", params=[0, 2], ids=["in-thread", "decode-processes"])
-def sidecar(engine: Engine, request: pytest.FixtureRequest) -> Iterator[tuple]:
+def sidecar(model: ReliabilityModel, request: pytest.FixtureRequest) -> Iterator[tuple]:
     """The end-to-end server, once decoding in the scoring threads and once in 2 processes
     (what ``--decode-processes auto`` gives on 2 CPUs)."""
     registry = CollectorRegistry()
-    server, port = build_server(_settings(decode_processes=request.param), engine, registry=registry)
+    served = Engine(model, max_pixels=MAX_PIXELS, decode_processes=request.param)
+    server, port = build_server(_settings(), served, registry=registry)
     server.start()
-    yield server, f"127.0.0.1:{port}", registry
+    yield server, f"127.0.0.1:{port}", registry, served
     server.stop(1)
+    served.close()
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +148,7 @@ def test_score_dicom_matches_the_engine(
 ) -> None:
     path = data_dir / "dicom" / name
     r = client.score_file(path, request_id=f"dicom-{name}")
-    local = engine.score_path(path)
+    local = engine.score(path)
     assert r.request_id == f"dicom-{name}"
     assert not r.HasField("error")
     assert r.cluster == local.result.cluster
@@ -146,7 +169,7 @@ def test_score_dicom_matches_the_engine(
 def test_score_png_sniffed_and_declared(client: ReliabilityClient, engine: Engine, png_bytes: bytes) -> None:
     sniffed = client.score_bytes(png_bytes)
     declared = client.score_bytes(png_bytes, format="png", name="chest.png")
-    local = engine.score_bytes(png_bytes)
+    local = engine.score(png_bytes)
     for r in (sniffed, declared):
         assert r.image.format == "png" and (r.image.rows, r.image.columns) == (1024, 1024)
         assert r.cluster == local.result.cluster
@@ -162,10 +185,10 @@ def test_declared_kind_that_does_not_match_is_invalid(client: ReliabilityClient,
 
 
 def test_score_raw_uint16_array(client: ReliabilityClient, engine: Engine, data_dir: Path) -> None:
-    pixels = engine.load_path(data_dir / "dicom" / "cxr_pa_monochrome2_jpeg.dcm").pixels
+    pixels = engine.load(data_dir / "dicom" / "cxr_pa_monochrome2_jpeg.dcm").pixels
     arr = np.round((pixels - pixels.min()) / np.ptp(pixels) * 4095).astype(np.uint16)
     r = client.score_array(arr, request_id="raw-1", classifier_score=0.4)
-    local = engine.score_array(arr, classifier_score=0.4)
+    local = engine.score(arr, classifier_score=0.4)
     assert r.image.format == "array" and (r.image.rows, r.image.columns) == arr.shape
     assert r.cluster == local.result.cluster
     assert r.failure_probability == pytest.approx(local.result.failure_probability, abs=1e-9)
@@ -259,13 +282,14 @@ def test_deadline_exceeded(client: ReliabilityClient, data_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["in-thread", "one-decoder"])
-def queued_sidecar(engine: Engine, request: pytest.FixtureRequest) -> Iterator[str]:
+def queued_sidecar(model: ReliabilityModel, request: pytest.FixtureRequest) -> Iterator[str]:
     """4 scoring threads in front of at most one decoder process: images wait for the decoder."""
-    server, port = build_server(_settings(workers=4, decode_processes=request.param), engine,
-                                registry=CollectorRegistry())  # fmt: skip
+    served = Engine(model, max_pixels=MAX_PIXELS, decode_processes=request.param)
+    server, port = build_server(_settings(workers=4), served, registry=CollectorRegistry())
     server.start()
     yield f"127.0.0.1:{port}"
     server.stop(1)
+    served.close()
 
 
 @pytest.mark.parametrize("n_clients", [1, 4, 16])
@@ -314,19 +338,18 @@ def test_servicer_maps_grpc_no_deadline_to_none() -> None:
 
 def test_handler_checks_the_deadline_before_decoding(sidecar: tuple, png_bytes: bytes) -> None:
     server = sidecar[0]
-    with pytest.raises(RpcAbortError, match="request late: deadline exceeded before decoding") as info:
+    with pytest.raises(DeadlineExceededError, match="request late: deadline exceeded before decoding"):
         server.handler.score(bytes_request(png_bytes, request_id="late"), lambda: 0.0, time.perf_counter())
-    assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
 def test_unexpected_exception_is_internal_and_logged(
-    client: ReliabilityClient, engine: Engine, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
+    client: ReliabilityClient, sidecar: tuple, data_dir: Path, monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:  # fmt: skip
     def broken(*args: object, **kwargs: object) -> None:
         raise RuntimeError("simulated bug")
 
-    monkeypatch.setattr(engine, "score_profile", broken)  # both the in-thread and decode-process paths
+    monkeypatch.setattr(sidecar[3], "score_profile", broken)  # both the in-thread and decode-process paths
     err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[0])
     assert err.code() == grpc.StatusCode.INTERNAL
     assert err.details().startswith("internal error in Score (server log reference ")
@@ -549,23 +572,26 @@ def test_not_serving_until_the_model_is_attached_then_overload(engine: Engine, d
 
 
 def test_a_decode_over_the_time_limit_is_resource_exhausted_and_the_server_goes_on(
-    engine: Engine, data_dir: Path
+    decoding_engine: Callable[..., Engine], data_dir: Path
 ) -> None:
     # A 1 ms limit: any JPEG 2000 decode (150+ ms) overruns it, as a decoder stuck on a hostile file would.
-    server, port = build_server(
-        _settings(decode_processes=1, decode_timeout=0.001, metrics_port=-1),
-        engine,
-        registry=CollectorRegistry(),
-    )
+    served = decoding_engine(1, decode_timeout=0.001)
+    server, port = build_server(_settings(metrics_port=-1), served, registry=CollectorRegistry())
     server.start()
     try:
         with ReliabilityClient(f"127.0.0.1:{port}", timeout=120) as client:
-            (before,) = server.handler.decoders.pids()
+            (before,) = served.decoder_pids()
             err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[2], request_id="slow")
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert err.details().startswith("request slow: ")
+            assert err.details().startswith(
+                "request slow (cxr_pa_cr_philips_j2k.dcm): decoding and profiling took"
+            )
             assert "took longer than 0.001 s (--decode-timeout)" in err.details()
-            assert server.handler.decoders.pids() != [before]  # killed and replaced
+            assert served.stuck_decoder_kills == 1
+            end = time.monotonic() + 30
+            while served.decoder_pids() == [before]:  # killed and replaced
+                assert time.monotonic() < end
+                time.sleep(0.01)
             assert (
                 client.score_array(np.ones((64, 64), np.float32) + np.eye(64, dtype=np.float32)).cluster >= 0
             )
@@ -682,16 +708,17 @@ def test_json_log_lines_carry_extra_fields_and_tracebacks() -> None:
     assert "args" not in doc and "levelno" not in doc
 
 
-def test_decode_processes_score_the_same_and_survive_a_dead_decoder(engine: Engine, data_dir: Path) -> None:
-    server, port = build_server(
-        _settings(decode_processes=1, metrics_port=-1), engine, registry=CollectorRegistry()
-    )
+def test_decode_processes_score_the_same_and_survive_a_dead_decoder(
+    engine: Engine, decoding_engine: Callable[..., Engine], data_dir: Path
+) -> None:
+    served = decoding_engine(1)
+    server, port = build_server(_settings(metrics_port=-1), served, registry=CollectorRegistry())
     server.start()
     path = data_dir / "dicom" / DICOMS[2]
     try:
         with ReliabilityClient(f"127.0.0.1:{port}", timeout=120) as client:
             r = client.score_file(path)
-            local = engine.score_path(path)
+            local = engine.score(path)
             assert r.cluster == local.result.cluster
             assert r.novelty == pytest.approx(local.result.novelty)
             # Profiled in the child with the same plan heuristics: the same bits, the same score.
@@ -700,10 +727,9 @@ def test_decode_processes_score_the_same_and_survive_a_dead_decoder(engine: Engi
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT  # the child's MonitorError came back intact
             assert err.details().startswith("request child: not a readable image")
 
-            decoders = server.handler.decoders
-            (pid,) = decoders.pids()
+            (pid,) = served.decoder_pids()
             os.kill(pid, signal.SIGKILL)  # as if a decoder had crashed on a hostile file
             assert client.score_file(path).cluster == local.result.cluster  # retried on a fresh pool
-            assert decoders.pids() != [pid]
+            assert served.decoder_pids() != [pid]
     finally:
         server.stop(1)

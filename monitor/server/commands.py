@@ -32,9 +32,8 @@ _FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str, "int | str":
 
 # ---------------------------------------------------------------- serve
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from ..engine import Engine
     from .logs import configure_logging
-    from .service import build_server
+    from .service import build_engine, build_server
 
     overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
     if args.verbose and overrides["log_level"] is None:
@@ -53,15 +52,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     try:
         server, _ = build_server(settings)
         server.start()  # listening and NOT_SERVING while the model loads
+        engine = None
         try:
-            engine = Engine.from_directory(settings.model, max_pixels=settings.max_pixels,
-                                           fft_threads=settings.fft_threads)  # fmt: skip
+            engine = build_engine(settings)
             if not stop.is_set():
                 server.attach(engine)
             while not stop.wait(0.5):
                 pass
         finally:
             server.stop(settings.grace_seconds)
+            if engine is not None:
+                engine.close()  # its decoder processes, once no call is scoring
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)

@@ -51,6 +51,7 @@ _STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "failed_precondition": grpc.StatusCode.FAILED_PRECONDITION,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "internal": grpc.StatusCode.INTERNAL,
 }
 

@@ -1,5 +1,5 @@
-"""What each RPC does, in protobuf terms: admission, deadlines, scoring on the worker pool,
-drift windows, the outcome log and per-image metrics.
+"""What each RPC does, in protobuf terms: admission, scoring on the worker pool (the engine
+does the whole per-image path), drift windows, the outcome log and per-image metrics.
 
 The servicer (``servicer.py``) only adds status-code mapping, request metrics and
 logging around these methods.
@@ -17,7 +17,6 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import grpc
-import numpy as np
 
 from ..engine import Engine
 from ..errors import InvalidInputError, MonitorError
@@ -25,7 +24,6 @@ from ..metrics import MonitorMetrics
 from ..settings import Settings
 from . import convert
 from ._generated import monitor_pb2 as pb
-from .decoding import DecodePool, DecodeTimeoutError
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
@@ -69,8 +67,6 @@ class RequestHandler:
         self.metrics = metrics
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
-        processes = settings.decode_process_count
-        self.decoders = DecodePool(processes) if processes else None
         self._admit_lock = threading.Lock()
         self._admitted = 0
         self.engine: Engine | None = None
@@ -84,12 +80,10 @@ class RequestHandler:
     def attach(self, engine: Engine) -> None:
         """Start serving ``engine``'s model (windows and outcome log start empty).
 
-        Each worker thread first profiles a small synthetic image, so the per-thread FFT
-        plans exist before the first request instead of adding to its latency.
+        Each worker thread first warms the engine up (FFT plans are per thread), so that
+        planning does not add to the first requests' latency.
         """
         self._warm_up(engine)
-        if self.decoders is not None:
-            self.decoders.warm_up()
         s = self.settings
         self.windows = DriftWindows(engine, s.window_images, s.window_seconds)
         self.outcomes = OutcomeLog(s.outcome_cache_size, engine.model.n_clusters)
@@ -99,19 +93,17 @@ class RequestHandler:
     def _warm_up(self, engine: Engine) -> None:
         n = self.settings.workers
         barrier = threading.Barrier(n)
-        image = np.random.default_rng(0).random((engine.profiler.working_size,) * 2, dtype=np.float32)
 
         def plan() -> None:
-            engine.profiler.profile(image)
+            engine.warm_up()
             barrier.wait(timeout=60)  # hold the thread so each job lands on a different one
 
         for future in [self._pool.submit(plan) for _ in range(n)]:
             future.result()
 
     def close(self) -> None:
+        """Stop the scoring threads (the engine belongs to the caller: see ``Engine.close``)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        if self.decoders is not None:
-            self.decoders.shutdown()
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -223,10 +215,9 @@ class RequestHandler:
             response = self._score_one(request, remaining, started)
         except MonitorError as exc:
             code, message = convert.status_code(exc), str(exc)
-        except RpcAbortError:  # deadline: ends the whole stream
-            self.metrics.observe_request(STREAM_ITEM_METHOD, grpc.StatusCode.DEADLINE_EXCEEDED.name,
-                                         time.perf_counter() - started)  # fmt: skip
-            raise
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # the stream's deadline: ends the whole stream
+                self.metrics.observe_request(STREAM_ITEM_METHOD, code.name, time.perf_counter() - started)
+                raise RpcAbortError(code, message) from None
         except Exception:
             ref = uuid.uuid4().hex[:12]
             log.exception(
@@ -253,40 +244,16 @@ class RequestHandler:
                     f"request {rid}: classifier_score must be a probability in [0, 1] (or NaN for unknown), "
                     f"got {classifier_score}"
                 )
-        _check_deadline(remaining, rid, "decoding")
-        t0 = time.perf_counter()
-        if image.array is None and self.decoders is not None:
-            assert image.data is not None
-            left = remaining()
-            try:
-                profile, meta, decode, prof = self.decoders.profile_bytes(
-                    image.data,
-                    kind=image.kind,
-                    name=image.name,
-                    max_pixels=engine.max_pixels,
-                    profiler=engine.profiler,
-                    timeout=self.settings.decode_timeout,
-                    deadline=None if left is None else time.monotonic() + left,
-                )
-            except DecodeTimeoutError as exc:
-                code = (
-                    grpc.StatusCode.DEADLINE_EXCEEDED
-                    if exc.caller_deadline
-                    else grpc.StatusCode.RESOURCE_EXHAUSTED
-                )
-                raise RpcAbortError(code, f"request {rid}: {exc}") from None
-            scored = engine.score_profile(
-                profile, meta, classifier_score, {"decode": decode, "profile": prof}
-            )
-        else:
-            if image.array is not None:
-                loaded = engine.load_array(image.array, name=image.name)
-            else:
-                assert image.data is not None
-                loaded = engine.load_bytes(image.data, kind=image.kind, name=image.name)
-            decode = time.perf_counter() - t0
-            _check_deadline(remaining, rid, "the spectral profile")
-            scored = engine.score_loaded(loaded, classifier_score, decode)
+        left = remaining()
+        source = image.array if image.array is not None else image.data
+        assert source is not None
+        scored = engine.score(
+            source,
+            kind=image.kind,
+            name=image.name,
+            classifier_score=classifier_score,
+            deadline=None if left is None else time.monotonic() + left,
+        )
         r = scored.result
         self.windows.add(rid, scored)
         self.outcomes.remember(
@@ -313,11 +280,3 @@ class _Admission:
     def __exit__(self, *exc: object) -> None:
         with self._h._admit_lock:
             self._h._admitted -= 1
-
-
-def _check_deadline(remaining: Remaining, rid: str, step: str) -> None:
-    left = remaining()
-    if left is not None and left <= 0:
-        raise RpcAbortError(
-            grpc.StatusCode.DEADLINE_EXCEEDED, f"request {rid}: deadline exceeded before {step}"
-        )

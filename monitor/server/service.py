@@ -25,7 +25,7 @@ from ._generated import monitor_pb2_grpc as pb_grpc
 from .handler import RequestHandler
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
 
-__all__ = ["MonitorServer", "build_server"]
+__all__ = ["MonitorServer", "build_engine", "build_server"]
 
 log = logging.getLogger("cxr_monitor.server")
 
@@ -166,3 +166,17 @@ def build_server(
     if engine is not None:
         server.attach(engine)
     return server, server.port
+
+
+def build_engine(settings: Settings) -> Engine:
+    """The engine ``serve`` runs: the model of ``settings.model`` with the server's decoding settings.
+
+    The caller closes it (:meth:`Engine.close`) after the server has stopped.
+    """
+    return Engine.from_directory(
+        settings.model,
+        max_pixels=settings.max_pixels,
+        fft_threads=settings.fft_threads,
+        decode_processes=settings.decode_process_count,
+        decode_timeout=settings.decode_timeout,
+    )
