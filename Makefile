@@ -27,7 +27,7 @@ test: install lint
 	$(BIN)/python -m pytest -q
 
 proto: install
-	$(BIN)/python -m monitor.server.codegen
+	$(BIN)/python -m monitor.codegen
 
 bench-server: install
 	$(BIN)/python benchmarks/bench_server.py --append

@@ -26,8 +26,8 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from .server._generated import monitor_pb2 as pb
-from .server._generated import monitor_pb2_grpc as pb_grpc
+from .proto import monitor_pb2 as pb
+from .proto import monitor_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEFAULT_ADDRESS",

@@ -15,8 +15,8 @@ from prometheus_client import CollectorRegistry
 from monitor.cli import default_model_dir, main
 from monitor.client import ReliabilityClient, array_request, bytes_request, file_request, to_dict
 from monitor.engine import Engine
+from monitor.proto import monitor_pb2 as pb
 from monitor.server import build_server
-from monitor.server._generated import monitor_pb2 as pb
 from monitor.settings import Settings
 
 DICOM = "cxr_pa_monochrome2_jpeg.dcm"

@@ -30,9 +30,9 @@ from monitor.client import ReliabilityClient, array_request, bytes_request
 from monitor.engine import Engine
 from monitor.errors import DeadlineExceededError
 from monitor.model import ReliabilityModel
+from monitor.proto import monitor_pb2 as pb
+from monitor.proto import monitor_pb2_grpc as pb_grpc
 from monitor.server import build_server
-from monitor.server._generated import monitor_pb2 as pb
-from monitor.server._generated import monitor_pb2_grpc as pb_grpc
 from monitor.server.servicer import SERVICE_NAME, _remaining
 from monitor.settings import Settings
 

@@ -16,8 +16,8 @@ import numpy as np
 from .. import __version__
 from ..errors import InvalidInputError, MonitorError
 from ..model import ReliabilityModel
+from ..proto import monitor_pb2 as pb
 from ..types import ImageMeta, ScoredImage
-from ._generated import monitor_pb2 as pb
 
 __all__ = [
     "ImageInput",

@@ -21,9 +21,9 @@ import grpc
 from ..engine import Engine
 from ..errors import InvalidInputError, MonitorError
 from ..metrics import MonitorMetrics
+from ..proto import monitor_pb2 as pb
 from ..settings import Settings
 from . import convert
-from ._generated import monitor_pb2 as pb
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]

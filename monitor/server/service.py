@@ -20,8 +20,8 @@ from prometheus_client import CollectorRegistry, start_http_server
 from ..engine import Engine
 from ..errors import MonitorError
 from ..metrics import MonitorMetrics
+from ..proto import monitor_pb2_grpc as pb_grpc
 from ..settings import Settings
-from ._generated import monitor_pb2_grpc as pb_grpc
 from .handler import RequestHandler
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
 

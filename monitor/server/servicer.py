@@ -18,9 +18,9 @@ from typing import Any
 import grpc
 
 from ..errors import MonitorError
+from ..proto import monitor_pb2 as pb
+from ..proto import monitor_pb2_grpc as pb_grpc
 from . import convert
-from ._generated import monitor_pb2 as pb
-from ._generated import monitor_pb2_grpc as pb_grpc
 from .handler import RequestHandler, RpcAbortError
 
 __all__ = ["SERVICE_NAME", "ReliabilityMonitorServicer"]
