@@ -243,7 +243,7 @@ def gil_share(fn: Any) -> float:
 
 def gil_check() -> dict[str, float]:
     """GIL share of each stage, in this process (engine calls, no server)."""
-    from monitor.cli import default_model_dir
+    from monitor.defaults import default_model_dir
     from monitor.engine import Engine
 
     engine = Engine.from_directory(default_model_dir())

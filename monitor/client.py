@@ -26,6 +26,7 @@ import numpy as np
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .defaults import DEFAULT_ADDRESS, DEFAULT_MAX_MESSAGE_BYTES
 from .proto import monitor_pb2 as pb
 from .proto import monitor_pb2_grpc as pb_grpc
 
@@ -38,8 +39,6 @@ __all__ = [
     "to_dict",
 ]
 
-DEFAULT_ADDRESS = "localhost:50051"
-_DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
 _FORMATS = {
     None: pb.IMAGE_FORMAT_UNSPECIFIED,
@@ -142,7 +141,7 @@ class ReliabilityClient:
         address: str = DEFAULT_ADDRESS,
         *,
         timeout: float | None = None,
-        max_message_bytes: int = _DEFAULT_MAX_MESSAGE_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
     ) -> None:
         self.address = address
         self.timeout = timeout

@@ -17,15 +17,14 @@ import numpy as np
 from . import imaging
 from .artifact import load_model
 from .decoding import DecodePool
+from .defaults import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
 from .drift import SlidingWindow
 from .errors import DeadlineExceededError
 from .model import ReliabilityModel
 from .spectrum import SpectralProfiler
 from .types import DriftReport, ImageMeta, LoadedImage, ScoredImage
 
-__all__ = ["DEFAULT_DECODE_TIMEOUT", "Engine", "Source"]
-
-DEFAULT_DECODE_TIMEOUT = 60.0  # seconds a decoder process may spend on one image
+__all__ = ["Engine", "Source"]
 
 Source = bytes | bytearray | memoryview | str | os.PathLike | np.ndarray | LoadedImage
 
@@ -56,7 +55,7 @@ class Engine:
         self,
         model: ReliabilityModel,
         *,
-        max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
         fft_threads: int = 1,
         wisdom_path: str | os.PathLike | None = None,
         decode_processes: int = 0,

@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
+from monitor.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE
 from monitor.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, UnsupportedImageError
 from monitor.types import ImageMeta, LoadedImage
 
@@ -39,11 +40,6 @@ __all__ = [
     "sniff_format",
 ]
 
-DEFAULT_MAX_PIXELS = 50_000_000
-"""Largest rows * columns accepted; checked from the header before decoding."""
-
-DEFAULT_MIN_SIZE = 64
-"""Smallest accepted side, in pixels."""
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset(
     {".dcm", ".dicom", ".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff"}

@@ -16,6 +16,15 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .defaults import (
+    DEFAULT_DECODE_TIMEOUT,
+    DEFAULT_HOST,
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_PORT,
+    bundled_model_dir,
+)
 from .errors import InvalidInputError
 
 __all__ = [
@@ -45,31 +54,18 @@ __all__ = [
 
 ENV_PREFIX = "CXR_MONITOR_"
 
-DEFAULT_HOST = "0.0.0.0"
-DEFAULT_PORT = 50051
-DEFAULT_METRICS_PORT = 9108
 DEFAULT_WORKERS = 4
 DEFAULT_FFT_THREADS = 1
 DEFAULT_DECODE_PROCESSES = "auto"
-DEFAULT_DECODE_TIMEOUT = 60.0
 DEFAULT_WINDOW_IMAGES = 200
 DEFAULT_WINDOW_SECONDS = 300.0
-DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_CONCURRENT_RPCS = 64
 DEFAULT_GRACE_SECONDS = 8.0
 DEFAULT_OUTCOME_CACHE_SIZE = 100_000
-# = monitor.imaging.DEFAULT_MAX_PIXELS (a test checks), not imported: imaging loads pydicom and Pillow.
-DEFAULT_MAX_PIXELS = 50_000_000
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-
-
-def _default_model() -> Path:
-    # The bundled model beside the package (monitor.cli.default_model_dir without its env lookup:
-    # CXR_MONITOR_MODEL is read here like every other setting).
-    return Path(__file__).resolve().parents[1] / "models" / "default"
 
 
 @dataclass(frozen=True)
@@ -80,7 +76,7 @@ class Settings:
     """
 
     model: Path = field(
-        default_factory=_default_model,
+        default_factory=bundled_model_dir,
         metadata={"help": "Model directory written by ``cxr-monitor fit``."},
     )
 

@@ -23,6 +23,8 @@ CORE = (
     "artifact",
     "batch",
     "fitting",
+    "decoding",
+    "defaults",
     "engine",
 )
 FORBIDDEN = ("grpc", "prometheus_client")
@@ -78,3 +80,36 @@ def test_public_definitions_are_exported(module: str) -> None:
     assert defined <= set(mod.__all__), (
         f"monitor.{module}: not in __all__: {sorted(defined - set(mod.__all__))}"
     )
+
+
+def _imports(path: Path) -> list[str]:
+    """Absolute names of every module ``path`` imports (relative imports resolved)."""
+    package = ".".join(("monitor", *path.relative_to(PACKAGE).parent.parts))
+    names: list[str] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            names += [module] + [f"{module}.{a.name}" for a in node.names]
+    return names
+
+
+def test_no_module_imports_the_cli_entry_point_or_hides_imports() -> None:
+    """Commands import downward (monitor.commands.output, the core), never monitor.cli: no loop."""
+    for path in PACKAGE.rglob("*.py"):
+        if path.name == "cli.py" and path.parent == PACKAGE:
+            continue
+        assert "monitor.cli" not in _imports(path), f"{path.relative_to(PACKAGE)} imports monitor.cli"
+        assert "__import__(" not in path.read_text(), f"{path.relative_to(PACKAGE)} hides an import"
+
+
+def test_client_and_commands_do_not_reach_into_the_server_package() -> None:
+    for path in [PACKAGE / "client.py", *(PACKAGE / "commands").glob("*.py")]:
+        bad = [
+            n
+            for n in _imports(path)
+            if n.startswith("monitor.server.") and "service" not in n and "logs" not in n
+        ]
+        assert bad == [], f"{path.relative_to(PACKAGE)} imports {bad}"

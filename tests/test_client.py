@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.cli import default_model_dir, main
+from monitor.cli import main
 from monitor.client import ReliabilityClient, array_request, bytes_request, file_request, to_dict
+from monitor.defaults import default_model_dir
 from monitor.engine import Engine
 from monitor.proto import monitor_pb2 as pb
 from monitor.server import build_server

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from monitor.cli import default_model_dir
+from monitor.defaults import default_model_dir
 from monitor.engine import Engine
 from monitor.metrics import DRIFT_GAUGES, RATIO_BUCKETS, MonitorMetrics, WindowSnapshot
 from monitor.server.tracking import DriftWindows, OutcomeLog, Prediction

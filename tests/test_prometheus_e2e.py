@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from monitor.cli import default_model_dir
+from monitor.defaults import default_model_dir
 from monitor.drift import psi
 
 REPO = Path(__file__).resolve().parents[1]

@@ -301,7 +301,7 @@ def test_report_without_fit_profiles(model: ReliabilityModel) -> None:
 def test_figures_are_pyplot_free_and_cli_import_is_light(model_dir: Path) -> None:
     code = f"""
 import sys
-import monitor.cli, monitor.report.commands
+import monitor.cli, monitor.commands.report
 monitor.cli.build_parser()
 assert "matplotlib" not in sys.modules, "registering the command imported matplotlib"
 from monitor.artifact import load_model
@@ -331,7 +331,7 @@ def test_figure_functions(model: ReliabilityModel, tmp_path: Path) -> None:
 
 
 def test_default_model_report(data_dir: Path, tmp_path: Path) -> None:
-    from monitor.cli import default_model_dir
+    from monitor.defaults import default_model_dir
 
     model = load_model(default_model_dir())
     result = write_report(

@@ -25,8 +25,8 @@ from PIL import Image
 from prometheus_client import CollectorRegistry
 
 from monitor.artifact import load_model
-from monitor.cli import default_model_dir
 from monitor.client import ReliabilityClient, array_request, bytes_request
+from monitor.defaults import default_model_dir
 from monitor.engine import Engine
 from monitor.errors import DeadlineExceededError
 from monitor.model import ReliabilityModel

@@ -1,98 +1,26 @@
-"""``cxr-monitor serve``, ``cxr-monitor health`` and ``cxr-monitor client ...``.
+"""``cxr-monitor client score|replay|info|outcome``: call a running sidecar.
 
-Registered by :func:`monitor.cli.build_parser` through :func:`register`. grpc is
-imported inside the command functions only, so other subcommands never load it.
+grpc is imported inside the command functions only, so other subcommands never load it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
-import signal
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import fields
+from collections.abc import Iterator
 from typing import Any
 
-from ..settings import DEFAULT_PORT, Settings, env_name
+from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from .output import add_command, expand_paths, print_json
+from .remote import add_connection_options
 
 __all__ = ["register"]
 
-EXIT_OK, EXIT_PARTIAL, EXIT_ERROR = 0, 1, 3
-DEFAULT_ADDRESS = "localhost:50051"  # = monitor.client.DEFAULT_ADDRESS (not imported: it loads grpc)
 
-log = logging.getLogger("cxr_monitor.server")
-
-_FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str, "int | str": str}
-
-
-# ---------------------------------------------------------------- serve
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from .logs import configure_logging
-    from .service import build_engine, build_server
-
-    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
-    if args.verbose and overrides["log_level"] is None:
-        overrides["log_level"] = "DEBUG"
-    settings = Settings.load(overrides)
-    configure_logging(settings.log_format, settings.log_level)
-    log.info("starting", extra={"settings": settings.to_dict()})
-
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        log.info("received %s", signal.Signals(signum).name)
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        server, _ = build_server(settings)
-        server.start()  # listening and NOT_SERVING while the model loads
-        engine = None
-        try:
-            engine = build_engine(settings)
-            if not stop.is_set():
-                server.attach(engine)
-            while not stop.wait(0.5):
-                pass
-        finally:
-            server.stop(settings.grace_seconds)
-            if engine is not None:
-                engine.close()  # its decoder processes, once no call is scoring
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------- health
-def _cmd_health(args: argparse.Namespace) -> int:
-    import grpc
-
-    from ..client import ReliabilityClient
-
-    address = args.address
-    if address is None:
-        # Where `serve` would listen in this environment (CXR_MONITOR_HOST/PORT), so that a
-        # container HEALTHCHECK follows a changed port; loopback for a wildcard host.
-        settings = Settings.load({})
-        wildcard = settings.host in ("0.0.0.0", "::", "[::]", "")
-        address = f"127.0.0.1:{settings.port}" if wildcard else settings.address
-    with ReliabilityClient(address) as client:
-        try:
-            status = client.health(args.service, timeout=args.timeout)
-        except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    print(status)
-    return EXIT_OK if status == "SERVING" else 1
-
-
-# ---------------------------------------------------------------- client
 def _rpc_error(exc: Any, what: str = "") -> str:
     prefix = f"{what}: " if what else ""
     return f"{prefix}{exc.code().name}: {exc.details()}"
@@ -117,7 +45,6 @@ def _print_response(path: str, r: Any) -> None:
 def _cmd_client_score(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..cli import expand_paths, print_json
     from ..client import ReliabilityClient, file_request, to_dict
 
     paths = expand_paths(args.paths)
@@ -162,7 +89,6 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from ..cli import expand_paths, print_json
     from ..client import ReliabilityClient, file_request
 
     paths = expand_paths([args.folder])
@@ -256,7 +182,6 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
 def _cmd_client_info(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..cli import print_json
     from ..client import ReliabilityClient, to_dict
 
     with ReliabilityClient(args.address, timeout=args.timeout) as client:
@@ -288,7 +213,6 @@ def _cmd_client_info(args: argparse.Namespace) -> int:
 def _cmd_client_outcome(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..cli import print_json
     from ..client import ReliabilityClient, to_dict
 
     kwargs: dict[str, Any] = {}
@@ -314,74 +238,9 @@ def _cmd_client_outcome(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# ---------------------------------------------------------------- registration
-def _address(
-    p: argparse.ArgumentParser, default: str | None = DEFAULT_ADDRESS, default_text: str = DEFAULT_ADDRESS
-) -> None:
-    p.add_argument("--address", default=default, metavar="HOST:PORT",
-                   help=f"sidecar address (default: {default_text})")  # fmt: skip
-    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS", help="deadline of each call")
-
-
-def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
-    """Add ``serve``, ``health`` and ``client`` to the ``cxr-monitor`` subparsers."""
-    defaults = Settings()
-    p = add(
-        sub,
-        "serve",
-        "run the gRPC reliability sidecar with Prometheus metrics",
-        """
-        Serve cxrmonitor.v1.ReliabilityMonitor (Score, ScoreStream, ReportOutcome,
-        GetModelInfo; protos/cxr_monitor/v1/monitor.proto) with grpc.health.v1 health
-        checking and server reflection, and Prometheus metrics on /metrics.
-
-        Health is NOT_SERVING while the model loads, SERVING after, NOT_SERVING again
-        from SIGTERM/SIGINT: the server then refuses new calls, lets in-flight ones
-        finish within --grace-seconds and exits 0.
-
-        Each option can also be set by an environment variable (shown in brackets);
-        a flag wins over the variable, the variable over the default. Logs go to
-        stderr, by default as JSON lines (ts, level, logger, msg, ...).
-        """,
-        """
-        examples:
-          cxr-monitor serve
-          cxr-monitor serve --model models/mine --port 50051 --metrics-port 9108 --workers 2
-          CXR_MONITOR_WORKERS=2 CXR_MONITOR_LOG_FORMAT=text cxr-monitor serve
-        """,
-    )
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        default = getattr(defaults, f.name)
-        kwargs: dict[str, Any] = {"type": _FLAG_TYPES[str(f.type)], "default": None, "dest": f.name}
-        if f.name == "log_format":
-            kwargs["choices"] = ("json", "text")
-        metavar = {"model": "MODEL_DIR", "host": "HOST", "decode_processes": "N|auto"}.get(f.name)
-        if metavar:
-            kwargs["metavar"] = metavar
-        help_text = f.metadata["help"].replace("``", "").replace("%", "%%")
-        kwargs["help"] = f"{help_text} [{env_name(f.name)}] (default: {default})"
-        p.add_argument(flag, **kwargs)
-    p.set_defaults(func=_cmd_serve)
-
-    p = add(
-        sub,
-        "health",
-        "check a sidecar's health (exit 0 if SERVING)",
-        """
-        Ask the grpc.health.v1 service of a running sidecar. Prints the status
-        (SERVING, NOT_SERVING, SERVICE_UNKNOWN) or the gRPC error; exit status 0 when
-        SERVING, 1 otherwise. Suitable as a Docker HEALTHCHECK.
-        """,
-        "examples:\n  cxr-monitor health\n  cxr-monitor health --address localhost:50051",
-    )
-    _address(p, default=None, default_text=f"where serve would listen here: {env_name('host')} "
-             f"(127.0.0.1 for 0.0.0.0) and {env_name('port')}, else 127.0.0.1:{DEFAULT_PORT}")  # fmt: skip
-    p.set_defaults(timeout=3.0)
-    p.add_argument("--service", default="", help='service name to check (default: "", the whole server)')
-    p.set_defaults(func=_cmd_health)
-
-    p = add(
+def register(sub: Any) -> None:
+    """Add ``client`` and its actions to the ``cxr-monitor`` subparsers."""
+    p = add_command(
         sub,
         "client",
         "call a running sidecar: score, replay, info, outcome",
@@ -394,7 +253,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     )
     csub = p.add_subparsers(dest="client_command", metavar="ACTION", required=True)
 
-    c = add(
+    c = add_command(
         csub,
         "score",
         "score image files through the sidecar",
@@ -404,7 +263,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         """,
         "example:\n  cxr-monitor client score --address localhost:50051 chest.dcm --score 0.83 --json",
     )
-    _address(c)
+    add_connection_options(c)
     c.add_argument("paths", nargs="+", metavar="PATH", help="image files or folders")
     c.add_argument("--score", type=float, default=None, help="the classifier's probability for the image(s)")
     c.add_argument("--format", default=None, choices=("dicom", "png", "jpeg", "webp", "tiff"),
@@ -413,7 +272,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("--json", action="store_true", help="one JSON object per image")
     c.set_defaults(func=_cmd_client_score)
 
-    c = add(
+    c = add_command(
         csub,
         "replay",
         "stream a folder of images through the sidecar and summarise",
@@ -425,7 +284,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         """,
         "example:\n  cxr-monitor client replay --address localhost:50051 data/nih/images --concurrency 8 --limit 200",
     )
-    _address(c)
+    add_connection_options(c)
     c.add_argument("folder", metavar="DIR", help="folder of images")
     c.add_argument("--concurrency", type=int, default=4, help="images in flight (default: 4)")
     c.add_argument("--limit", type=int, default=None, help="send only the first N images")
@@ -433,17 +292,17 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
     c.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     c.set_defaults(func=_cmd_client_replay)
 
-    c = add(
+    c = add_command(
         csub,
         "info",
         "print the served model card",
         "GetModelInfo: clusters, failure rates, reported outcomes.",
     )
-    _address(c)
+    add_connection_options(c)
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.set_defaults(func=_cmd_client_info)
 
-    c = add(
+    c = add_command(
         csub,
         "outcome",
         "report the ground truth for an earlier request",
@@ -455,7 +314,7 @@ def register(sub: Any, add: Callable[..., argparse.ArgumentParser]) -> None:
         """,
         "example:\n  cxr-monitor client outcome 3f2a... --label 1 --score 0.12",
     )
-    _address(c)
+    add_connection_options(c)
     c.add_argument("request_id", metavar="REQUEST_ID")
     g = c.add_mutually_exclusive_group(required=True)
     g.add_argument("--failure", dest="failure", action="store_const", const=True, default=None,

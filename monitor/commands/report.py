@@ -10,13 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..defaults import EXIT_OK, EXIT_PARTIAL, default_model_dir
+from .output import add_command, print_json
+
 __all__ = ["register"]
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ..artifact import load_model
-    from ..cli import EXIT_OK, EXIT_PARTIAL, print_json
-    from .render import write_report
+    from ..report.render import write_report
 
     fmt = args.format or ("md" if Path(args.out).suffix.lower() in (".md", ".markdown") else "html")
     model = load_model(args.model)
@@ -51,11 +53,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return EXIT_PARTIAL if missing else EXIT_OK
 
 
-def register(sub: Any, add: Any) -> None:
+def register(sub: Any) -> None:
     """Add the ``report`` subcommand to the CLI's subparsers."""
-    from ..cli import default_model_dir
-
-    p = add(
+    p = add_command(
         sub,
         "report",
         "write an HTML (or Markdown) report of a fitted model's failure modes",

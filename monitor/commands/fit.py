@@ -1,0 +1,125 @@
+"""``cxr-monitor fit``: fit a model on reference images and the classifier's outcomes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from ..defaults import EXIT_OK, EXIT_PARTIAL
+from ..errors import InvalidInputError
+from .output import add_command, print_cluster_table, print_json
+
+__all__ = ["register"]
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..batch import default_cache_dir
+    from ..fitting import fit_folder
+
+    clusters: str | int = args.clusters
+    if clusters != "auto":
+        try:
+            clusters = int(clusters)
+        except ValueError:
+            raise InvalidInputError(
+                f"--clusters must be 'auto' or an integer, got {args.clusters!r}"
+            ) from None
+    report = fit_folder(
+        args.images,
+        args.outcomes,
+        args.out,
+        threshold=args.threshold,
+        n_clusters=clusters,
+        k_max=args.k_max,
+        min_cluster_size=args.min_cluster_size,
+        seed=args.seed,
+        jobs=args.jobs,
+        cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
+        strict=args.strict,
+        progress=not args.json and sys.stderr.isatty() or args.progress,
+    )
+    m = report.model
+    rates = m.rates.to_json()
+    for _, reason in report.errors:
+        print(f"skipped: {reason}", file=sys.stderr)
+    if args.json:
+        print_json(
+            {
+                "model": str(report.out),
+                "model_id": m.model_id,
+                "n_listed": report.n_listed,
+                "n_fitted": report.n_fitted,
+                "n_skipped": len(report.errors),
+                "skipped": [{"image": p, "reason": r} for p, r in report.errors],
+                "cache_hits": report.cache_hits,
+                "seconds": report.seconds,
+                "n_clusters": m.n_clusters,
+                "global_failure_rate": rates["global_rate"],
+                "chi2_p": rates["chi2_p"],
+                "g_test_p": rates["g_test_p"],
+                "cramers_v": rates["cramers_v"],
+                "clusters": rates["clusters"],
+            }
+        )
+    else:
+        print(f"model {m.model_id} saved to {report.out}")
+        print(
+            f"{report.n_fitted} of {report.n_listed} images fitted ({len(report.errors)} skipped, "
+            f"{report.cache_hits} profiles from cache) in {report.seconds:.1f} s"
+        )
+        print(
+            f"{m.n_clusters} clusters; global failure rate {rates['global_rate']:.3f}; "
+            f"chi-square p {rates['chi2_p']:.3g}, G-test p {rates['g_test_p']:.3g}, "
+            f"Cramér's V {rates['cramers_v']:.3f}"
+        )
+        print_cluster_table(rates["clusters"])
+    return EXIT_PARTIAL if report.errors else EXIT_OK
+
+
+def register(sub: Any) -> None:
+    p = add_command(
+        sub,
+        "fit",
+        "fit a model on reference images and the classifier's outcomes",
+        """
+        Profile every image listed in the outcomes table, cluster the profiles, estimate
+        the classifier's failure rate in each cluster, and save a model directory.
+
+        The outcomes CSV has a column `image` (path relative to --images) and either
+        `failure` (0/1: the classifier was wrong) or `label` (0/1) and `score` (the
+        classifier's probability; positive when score >= --threshold). Other columns
+        (view, sex, scanner...) are kept as metadata for slice comparisons.
+        Images that fail to load are reported and skipped (exit status 1), or abort
+        the fit with --strict.
+        """,
+        "example:\n  cxr-monitor fit --images data/nih/images --outcomes outcomes.csv --out models/mine",
+    )
+    p.add_argument("--images", required=True, metavar="DIR", help="folder holding the images")
+    p.add_argument("--outcomes", required=True, metavar="CSV", help="outcomes table (see above)")
+    p.add_argument("--out", required=True, metavar="MODEL_DIR", help="where to write the model")
+    p.add_argument(
+        "--threshold", type=float, default=None, help="decision threshold for label+score (default 0.5)"
+    )
+    p.add_argument(
+        "--clusters", default="auto", help="'auto' (BIC over 2..--k-max) or a number (default: auto)"
+    )
+    p.add_argument("--k-max", type=int, default=10, help="largest cluster count tried by auto (default: 10)")
+    p.add_argument(
+        "--min-cluster-size",
+        type=float,
+        default=0.03,
+        help="fraction (<1) or count of images (default: 0.03)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed; equal seeds give equal models (default: 0)"
+    )
+    p.add_argument(
+        "--jobs", type=int, default=1, help="parallel profiling processes; -1 = all cores (default: 1)"
+    )
+    p.add_argument("--cache-dir", default=None, help="profile cache (default: ~/.cache/cxr-monitor)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the profile cache")
+    p.add_argument("--strict", action="store_true", help="abort if any image fails to load")
+    p.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
+    p.set_defaults(func=_run)

@@ -1,0 +1,74 @@
+"""What every command shares: the help layout, JSON output, path expansion, tables.
+
+Command modules import this module, never :mod:`monitor.cli` (which imports them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["add_command", "expand_paths", "formatter", "print_cluster_table", "print_json"]
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on one line (NaN written as null)."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not np.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        if isinstance(v, np.generic):
+            return clean(v.item())
+        return v
+
+    sys.stdout.write(json.dumps(clean(obj), separators=(",", ":")) + "\n")
+
+
+def expand_paths(items: Sequence[str]) -> list[Path]:
+    """Files as given; folders expanded to the images inside (recursive, sorted)."""
+    from ..imaging import iter_image_files
+
+    out: list[Path] = []
+    for item in items:
+        p = Path(item)
+        out.extend(iter_image_files(p) if p.is_dir() else [p])
+    return out
+
+
+def formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.RawDescriptionHelpFormatter(prog, max_help_position=32, width=100)
+
+
+def add_command(
+    sub: Any, name: str, summary: str, description: str, epilog: str = ""
+) -> argparse.ArgumentParser:
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=textwrap.dedent(description).strip(),
+        epilog=textwrap.dedent(epilog).strip() or None,
+        formatter_class=formatter,
+    )
+
+
+def print_cluster_table(rows: list[dict]) -> None:
+    print(
+        f"{'cluster':>7} {'images':>6} {'fail':>5} {'rate':>6} {'95% interval':>15} {'lift':>5} {'q':>7}  blind spot"
+    )
+    for r in rows:
+        print(
+            f"{r['cluster']:>7} {r['n_images']:>6} {r['n_failures']:>5} {r['rate']:>6.3f} "
+            f"[{r['lower']:.3f}, {r['upper']:.3f}] {r['lift']:>5.2f} {r['fisher_q']:>7.3g}  "
+            f"{'YES' if r['blind_spot'] else ''}"
+        )

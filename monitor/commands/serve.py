@@ -1,0 +1,144 @@
+"""``cxr-monitor serve`` and ``cxr-monitor health``: run the sidecar, probe it.
+
+grpc is imported inside the command functions only, so other subcommands never load it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from dataclasses import fields
+from typing import Any
+
+from ..defaults import DEFAULT_PORT, EXIT_OK
+from ..settings import Settings, env_name
+from .output import add_command
+from .remote import add_connection_options
+
+__all__ = ["register"]
+
+log = logging.getLogger("cxr_monitor.server")
+
+_FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str, "int | str": str}
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from ..server.logs import configure_logging
+    from ..server.service import build_engine, build_server
+
+    overrides = {f.name: getattr(args, f.name, None) for f in fields(Settings)}
+    if args.verbose and overrides["log_level"] is None:
+        overrides["log_level"] = "DEBUG"
+    settings = Settings.load(overrides)
+    configure_logging(settings.log_format, settings.log_level)
+    log.info("starting", extra={"settings": settings.to_dict()})
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: Any) -> None:
+        log.info("received %s", signal.Signals(signum).name)
+        stop.set()
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        server, _ = build_server(settings)
+        server.start()  # listening and NOT_SERVING while the model loads
+        engine = None
+        try:
+            engine = build_engine(settings)
+            if not stop.is_set():
+                server.attach(engine)
+            while not stop.wait(0.5):
+                pass
+        finally:
+            server.stop(settings.grace_seconds)
+            if engine is not None:
+                engine.close()  # its decoder processes, once no call is scoring
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return EXIT_OK
+
+
+def _cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+
+    from ..client import ReliabilityClient
+
+    address = args.address
+    if address is None:
+        # Where `serve` would listen in this environment (CXR_MONITOR_HOST/PORT), so that a
+        # container HEALTHCHECK follows a changed port; loopback for a wildcard host.
+        settings = Settings.load({})
+        wildcard = settings.host in ("0.0.0.0", "::", "[::]", "")
+        address = f"127.0.0.1:{settings.port}" if wildcard else settings.address
+    with ReliabilityClient(address) as client:
+        try:
+            status = client.health(args.service, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    print(status)
+    return EXIT_OK if status == "SERVING" else 1
+
+
+def register(sub: Any) -> None:
+    """Add ``serve`` and ``health`` to the ``cxr-monitor`` subparsers."""
+    defaults = Settings()
+    p = add_command(
+        sub,
+        "serve",
+        "run the gRPC reliability sidecar with Prometheus metrics",
+        """
+        Serve cxrmonitor.v1.ReliabilityMonitor (Score, ScoreStream, ReportOutcome,
+        GetModelInfo; protos/cxr_monitor/v1/monitor.proto) with grpc.health.v1 health
+        checking and server reflection, and Prometheus metrics on /metrics.
+
+        Health is NOT_SERVING while the model loads, SERVING after, NOT_SERVING again
+        from SIGTERM/SIGINT: the server then refuses new calls, lets in-flight ones
+        finish within --grace-seconds and exits 0.
+
+        Each option can also be set by an environment variable (shown in brackets);
+        a flag wins over the variable, the variable over the default. Logs go to
+        stderr, by default as JSON lines (ts, level, logger, msg, ...).
+        """,
+        """
+        examples:
+          cxr-monitor serve
+          cxr-monitor serve --model models/mine --port 50051 --metrics-port 9108 --workers 2
+          CXR_MONITOR_WORKERS=2 CXR_MONITOR_LOG_FORMAT=text cxr-monitor serve
+        """,
+    )
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        default = getattr(defaults, f.name)
+        kwargs: dict[str, Any] = {"type": _FLAG_TYPES[str(f.type)], "default": None, "dest": f.name}
+        if f.name == "log_format":
+            kwargs["choices"] = ("json", "text")
+        metavar = {"model": "MODEL_DIR", "host": "HOST", "decode_processes": "N|auto"}.get(f.name)
+        if metavar:
+            kwargs["metavar"] = metavar
+        help_text = f.metadata["help"].replace("``", "").replace("%", "%%")
+        kwargs["help"] = f"{help_text} [{env_name(f.name)}] (default: {default})"
+        p.add_argument(flag, **kwargs)
+    p.set_defaults(func=_cmd_serve)
+
+    p = add_command(
+        sub,
+        "health",
+        "check a sidecar's health (exit 0 if SERVING)",
+        """
+        Ask the grpc.health.v1 service of a running sidecar. Prints the status
+        (SERVING, NOT_SERVING, SERVICE_UNKNOWN) or the gRPC error; exit status 0 when
+        SERVING, 1 otherwise. Suitable as a Docker HEALTHCHECK.
+        """,
+        "examples:\n  cxr-monitor health\n  cxr-monitor health --address localhost:50051",
+    )
+    add_connection_options(p, default=None, default_text=f"where serve would listen here: {env_name('host')} "
+             f"(127.0.0.1 for 0.0.0.0) and {env_name('port')}, else 127.0.0.1:{DEFAULT_PORT}")  # fmt: skip
+    p.set_defaults(timeout=3.0)
+    p.add_argument("--service", default="", help='service name to check (default: "", the whole server)')
+    p.set_defaults(func=_cmd_health)
