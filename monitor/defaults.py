@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_HOST",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
     "DEFAULT_METRICS_PORT",
     "DEFAULT_MIN_SIZE",
     "DEFAULT_PORT",
@@ -43,6 +44,8 @@ DEFAULT_MIN_SIZE = 64
 """Smallest accepted side of an image, in pixels."""
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 """Largest gRPC message, each way (server and client)."""
+DEFAULT_MEMORY_BUDGET_BYTES = 384 * 2**20
+"""Bytes that the images being scored may need together; see deploy/README.md for the sizing."""
 DEFAULT_DECODE_TIMEOUT = 60.0
 """Seconds a decoder process may spend on one image before it is killed and replaced."""
 

@@ -36,6 +36,7 @@ __all__ = [
     "iter_image_files",
     "load_bytes",
     "load_image",
+    "peek_size",
     "read_file",
     "sniff_format",
 ]
@@ -207,6 +208,25 @@ def load_bytes(
     else:
         pixels, meta = _decode_pillow(data, name, kind, max_pixels, min_size)
     return _finish(pixels, meta)
+
+
+def peek_size(data: bytes, kind: str | None = None) -> tuple[int, int, int] | None:
+    """(rows, columns, samples per pixel) from the header alone, without decoding pixels.
+
+    For budgeting memory before a decode; ``None`` when the header cannot be read (the
+    decoder then says why, with the loader's errors).
+    """
+    try:
+        kind = sniff_format(data) if kind is None else _KIND_ALIASES.get(kind.lower(), kind.lower())
+        if kind == "dicom":
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True, force=True)
+            return int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel", 1) or 1)
+        if kind in _PIL_FORMAT:
+            with Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[kind]]) as im:
+                return im.size[1], im.size[0], len(im.getbands())
+    except Exception:  # any header problem is the decoder's to report
+        return None
+    return None
 
 
 def from_array(

@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from .types import DriftReport, ScoredImage
 
 __all__ = [
+    "SHED_REASONS",
     "DRIFT_GAUGES",
     "PREFIX",
     "RATIO_BUCKETS",
@@ -37,6 +38,8 @@ __all__ = [
 ]
 
 PREFIX = "cxr_monitor_"
+SHED_REASONS = ("in_flight", "deadline", "memory")
+"""Why admission refused an image (the ``reason`` label of ``cxr_monitor_shed_requests_total``)."""
 
 RATIO_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 1.5, 2.5, 5.0, 10.0)
@@ -174,6 +177,11 @@ class MonitorMetrics:
         self.info = Info("cxr_monitor", "The loaded model and server versions.", **r)
         self.inflight = Gauge(p + "inflight_requests", "RPCs being handled now (streams count once).", **r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the model is loaded and served, else 0.", **r)
+        self.shed = Counter(p + "shed_requests", "Images refused at admission with RESOURCE_EXHAUSTED, by the "
+                            "limit they hit: in_flight, deadline (cannot be served in time) or memory.",
+                            ["reason"], **r)  # fmt: skip
+        for reason in SHED_REASONS:
+            self.shed.labels(reason=reason)
         self._drift: _DriftCollector | None = None
 
     def set_model(
@@ -209,6 +217,9 @@ class MonitorMetrics:
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()
         self.request_duration.labels(method=method).observe(seconds)
+
+    def observe_shed(self, reason: str) -> None:
+        self.shed.labels(reason=reason).inc()
 
     def observe_input(self, size_bytes: int) -> None:
         self.image_size.observe(size_bytes)

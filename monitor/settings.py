@@ -21,6 +21,7 @@ from .defaults import (
     DEFAULT_HOST,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_PIXELS,
+    DEFAULT_MEMORY_BUDGET_BYTES,
     DEFAULT_METRICS_PORT,
     DEFAULT_PORT,
     bundled_model_dir,
@@ -38,6 +39,7 @@ __all__ = [
     "DEFAULT_MAX_CONCURRENT_RPCS",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
+    "DEFAULT_MEMORY_BUDGET_BYTES",
     "DEFAULT_METRICS_PORT",
     "DEFAULT_OUTCOME_CACHE_SIZE",
     "DEFAULT_PORT",
@@ -153,6 +155,16 @@ class Settings:
         },
     )
 
+    memory_budget_bytes: int = field(
+        default=DEFAULT_MEMORY_BUDGET_BYTES,
+        metadata={
+            "help": "Bytes the images being scored may need together (encoded bytes plus decoded pixels, "
+            "estimated from each image's header before decoding); a request beyond it gets "
+            "RESOURCE_EXHAUSTED at once. 0: no limit. Size the container for the server's own "
+            "memory plus this (deploy/README.md)."
+        },
+    )
+
     grace_seconds: float = field(
         default=DEFAULT_GRACE_SECONDS,
         metadata={"help": "On SIGTERM/SIGINT, how long in-flight requests may take to finish."},
@@ -180,6 +192,10 @@ class Settings:
                      "max_concurrent_rpcs", "outcome_cache_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"setting {name} must be >= 1, got {getattr(self, name)}")
+        if self.memory_budget_bytes < 0:
+            raise InvalidInputError(
+                f"setting memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}"
+            )
         for name in ("window_seconds", "grace_seconds", "decode_timeout"):
             if not getattr(self, name) > 0:
                 raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")

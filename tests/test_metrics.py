@@ -35,6 +35,7 @@ EXACT_NAMES = {
     "cxr_monitor": "info",
     "cxr_monitor_inflight_requests": "gauge",
     "cxr_monitor_model_loaded": "gauge",
+    "cxr_monitor_shed_requests": "counter",
     "cxr_monitor_drift_psi": "gauge",
     "cxr_monitor_drift_js_distance": "gauge",
     "cxr_monitor_drift_chi2_p_value": "gauge",

@@ -325,10 +325,16 @@ def test_calls_without_a_deadline_succeed_at_every_concurrency(
 
 def test_servicer_maps_grpc_no_deadline_to_none() -> None:
     class NoDeadline:
+        def is_active(self) -> bool:
+            return True
+
         def time_remaining(self) -> float:
             return 9.22337203505877e18  # what grpc 1.85 returns for a call without a deadline
 
     class Deadline:
+        def is_active(self) -> bool:
+            return True
+
         def time_remaining(self) -> float:
             return 2.5
 
@@ -530,7 +536,7 @@ def test_metrics_over_http(sidecar: tuple, client: ReliabilityClient, engine: En
     assert "metrics-secret-id-42" not in text and r.request_id not in text and "request_id" not in text
     labels = {part.split("=")[0] for line in text.splitlines() if "{" in line and not line.startswith("#")
               for part in line[line.index("{") + 1 : line.index("}")].split(",") if part}  # fmt: skip
-    assert labels <= {"method", "code", "stage", "le", "cluster", "outcome", "window", "model_id", "spec_version",
+    assert labels <= {"method", "code", "stage", "le", "cluster", "outcome", "window", "model_id", "spec_version", "reason",
                       "version"}  # fmt: skip
 
 
@@ -555,18 +561,48 @@ def test_not_serving_until_the_model_is_attached_then_overload(engine: Engine, d
             server.attach(engine)
             assert client.health() == "SERVING"
 
-            # One open stream takes the only scoring slot: a second scoring call is turned away.
-            outbox: queue.Queue = queue.Queue()
-            stream = client.score_stream(iter(outbox.get, None))
-            outbox.put(bytes_request(data, request_id="hold"))
-            assert next(stream).request_id == "hold"
+            # An image in flight takes the only place: a second scoring call is turned away at once.
+            holder = server.handler.admission.admit(0, 0, None, "holder")
             err = _rpc_error(client.score_bytes, data)
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "server overloaded" in err.details() and "max_concurrent_rpcs=1" in err.details()
             assert client.model_info().model_id == engine.model.model_id  # not a scoring call
-            outbox.put(None)
-            assert list(stream) == []
+            stream = list(client.score_stream(iter([bytes_request(data, request_id="shed-item")])))
+            assert (
+                stream[0].error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            )  # an error item, not a broken stream
+            assert (
+                server.registry.get_sample_value("cxr_monitor_shed_requests_total", {"reason": "in_flight"})
+                == 2
+            )
+            holder.done()
             assert client.score_bytes(data).image.format == "dicom"
+    finally:
+        server.stop(1)
+
+
+def test_short_client_deadlines_never_kill_a_decoder(
+    decoding_engine: Callable[..., Engine], data_dir: Path
+) -> None:
+    """Issue 9, defect 1: a caller whose deadline expires mid-decode used to get its decoder
+    process killed and respawned, collapsing everyone's throughput."""
+    served = decoding_engine(1)
+    server, port = build_server(_settings(metrics_port=-1, workers=2), served, registry=CollectorRegistry())
+    server.start()
+    payload = (data_dir / "dicom" / DICOMS[2]).read_bytes()  # 150+ ms to decode
+    try:
+        with ReliabilityClient(f"127.0.0.1:{port}") as client:
+            before = served.decoder_pids()
+            codes = []
+            for i in range(6):
+                try:
+                    client.score_bytes(payload, request_id=f"hurry-{i}", timeout=0.02)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as exc:
+                    codes.append(exc.code())
+            assert set(codes) <= {grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED}
+            assert client.score_bytes(payload, request_id="patient").image.format == "dicom"
+            assert served.decoder_pids() == before and served.stuck_decoder_kills == 0
     finally:
         server.stop(1)
 

@@ -15,15 +15,18 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from ..engine import Engine
-from ..errors import InvalidInputError, MonitorError
+from ..errors import DeadlineExceededError, InvalidInputError, MonitorError
 from ..metrics import MonitorMetrics
 from ..proto import monitor_pb2 as pb
 from ..settings import Settings
 from . import convert
+from .admission import AdmissionControl, OverloadedError, Pass
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
@@ -42,10 +45,6 @@ class RpcAbortError(Exception):
         super().__init__(message)
         self.code = code
         self.message = message
-
-
-class _OverloadedError(MonitorError):
-    code = "resource_exhausted"
 
 
 class _NotLoadedError(MonitorError):
@@ -67,8 +66,9 @@ class RequestHandler:
         self.metrics = metrics
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
-        self._admit_lock = threading.Lock()
-        self._admitted = 0
+        self.admission = AdmissionControl(
+            settings.max_concurrent_rpcs, settings.workers, settings.memory_budget_bytes
+        )
         self.engine: Engine | None = None
         self.description: convert.ModelDescription | None = None
         self.windows: DriftWindows | None = None
@@ -110,15 +110,10 @@ class RequestHandler:
             raise _NotLoadedError("the model is still loading: retry when the health check reports SERVING")
         return self.engine
 
-    def admit(self) -> _Admission:
-        """Count a scoring RPC in flight; RESOURCE_EXHAUSTED beyond ``max_concurrent_rpcs``."""
-        return _Admission(self)
-
     # ------------------------------------------------------------------ RPCs
     def score(self, request: pb.ScoreRequest, remaining: Remaining, started: float) -> pb.ScoreResponse:
-        self._engine()
-        with self.admit():
-            return self._pool.submit(self._score_one, request, remaining, started).result()
+        work = self._admit(request, remaining)  # sheds at once, before any queueing
+        return self._pool.submit(self._score_one, work, remaining, started).result()
 
     def score_stream(
         self, requests: Iterable[pb.ScoreRequest], remaining: Remaining
@@ -127,39 +122,46 @@ class RequestHandler:
 
         A reader thread pulls requests so that a client waiting for each answer before
         sending the next (ping-pong) and a client sending everything at once both work.
+        Each item is admitted like a unary call; a shed item gets an error response.
         """
         self._engine()
-        with self.admit():
-            slots = threading.Semaphore(self.stream_lookahead)
-            pending: queue.Queue[Future | BaseException | None] = queue.Queue()
-            stop = threading.Event()
+        slots = threading.Semaphore(self.stream_lookahead)
+        pending: queue.Queue[Future | BaseException | None] = queue.Queue()
+        stop = threading.Event()
 
-            def read() -> None:
-                try:
-                    for request in requests:
-                        while not slots.acquire(timeout=0.1):
-                            if stop.is_set():
-                                return
+        def read() -> None:
+            try:
+                for request in requests:
+                    while not slots.acquire(timeout=0.1):
                         if stop.is_set():
                             return
-                        started = time.perf_counter()
-                        pending.put(self._pool.submit(self._stream_item, request, remaining, started))
-                except BaseException as exc:  # the client went away or the stream broke
-                    pending.put(exc)
-                finally:
-                    pending.put(None)
-
-            reader = threading.Thread(target=read, name="score-stream-reader", daemon=True)
-            reader.start()
-            try:
-                while (item := pending.get()) is not None:
-                    if isinstance(item, BaseException):
-                        raise item
-                    response = item.result()
-                    slots.release()
-                    yield response
+                    if stop.is_set():
+                        return
+                    started = time.perf_counter()
+                    try:
+                        work = self._admit(request, remaining)
+                    except MonitorError as exc:
+                        shed: Future = Future()
+                        shed.set_result(self._stream_error(request.request_id, exc, started))
+                        pending.put(shed)
+                        continue
+                    pending.put(self._pool.submit(self._stream_item, work, remaining, started))
+            except BaseException as exc:  # the client went away or the stream broke
+                pending.put(exc)
             finally:
-                stop.set()
+                pending.put(None)
+
+        reader = threading.Thread(target=read, name="score-stream-reader", daemon=True)
+        reader.start()
+        try:
+            while (item := pending.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                response = item.result()
+                slots.release()
+                yield response
+        finally:
+            stop.set()
 
     def report_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:
         self._engine()
@@ -205,34 +207,9 @@ class RequestHandler:
         )
 
     # ------------------------------------------------------------------ work (on the pool)
-    def _stream_item(
-        self, request: pb.ScoreRequest, remaining: Remaining, started: float
-    ) -> pb.ScoreResponse:
-        """One stream item: per-image errors become an error response, not a broken stream."""
-        code, message = grpc.StatusCode.OK, ""
-        rid = request.request_id
-        try:
-            response = self._score_one(request, remaining, started)
-        except MonitorError as exc:
-            code, message = convert.status_code(exc), str(exc)
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:  # the stream's deadline: ends the whole stream
-                self.metrics.observe_request(STREAM_ITEM_METHOD, code.name, time.perf_counter() - started)
-                raise RpcAbortError(code, message) from None
-        except Exception:
-            ref = uuid.uuid4().hex[:12]
-            log.exception(
-                "unexpected error scoring a stream item", extra={"error_ref": ref, "request_id": rid}
-            )
-            code, message = grpc.StatusCode.INTERNAL, f"internal error (server log reference {ref})"
-        self.metrics.observe_request(STREAM_ITEM_METHOD, code.name, time.perf_counter() - started)
-        if code is grpc.StatusCode.OK:
-            return response
-        log.info("stream item failed", extra={"request_id": rid, "code": code.name, "error": message})
-        return convert.error_response(rid, code, message)
-
-    def _score_one(self, request: pb.ScoreRequest, remaining: Remaining, started: float) -> pb.ScoreResponse:
+    def _admit(self, request: pb.ScoreRequest, remaining: Remaining) -> _Work:
+        """Unpack and check a request, then admit it by count, deadline and memory (or shed it)."""
         engine = self._engine()
-        assert self.windows is not None and self.outcomes is not None and self.description is not None
         rid = request.request_id or uuid.uuid4().hex
         image = convert.request_to_input(request, rid)
         self.metrics.observe_input(image.size_bytes)
@@ -244,39 +221,84 @@ class RequestHandler:
                     f"request {rid}: classifier_score must be a probability in [0, 1] (or NaN for unknown), "
                     f"got {classifier_score}"
                 )
-        left = remaining()
         source = image.array if image.array is not None else image.data
         assert source is not None
-        scored = engine.score(
-            source,
-            kind=image.kind,
-            name=image.name,
-            classifier_score=classifier_score,
-            deadline=None if left is None else time.monotonic() + left,
-        )
+        left = remaining()
+        if left is not None and left <= 0:  # already late (or gone): not an overload
+            raise DeadlineExceededError(f"request {rid}: deadline exceeded before decoding")
+        held, decode = engine.memory_estimate(source, kind=image.kind)
+        try:
+            admitted = self.admission.admit(held, decode, left, f"request {rid}")
+        except OverloadedError as exc:
+            self.metrics.observe_shed(exc.reason)
+            raise
+        return _Work(rid, image.name, source, image.kind, classifier_score, admitted)
+
+    def _stream_error(self, rid: str, exc: MonitorError, started: float) -> pb.ScoreResponse:
+        code, message = convert.status_code(exc), str(exc)
+        self.metrics.observe_request(STREAM_ITEM_METHOD, code.name, time.perf_counter() - started)
+        log.info("stream item failed", extra={"request_id": rid, "code": code.name, "error": message})
+        return convert.error_response(rid, code, message)
+
+    # ------------------------------------------------------------------ work (on the pool)
+    def _stream_item(self, work: _Work, remaining: Remaining, started: float) -> pb.ScoreResponse:
+        """One stream item: per-image errors become an error response, not a broken stream."""
+        try:
+            response = self._score_one(work, remaining, started)
+        except MonitorError as exc:
+            if exc.code == "deadline_exceeded":  # the stream's deadline: ends the whole stream
+                self.metrics.observe_request(
+                    STREAM_ITEM_METHOD, "DEADLINE_EXCEEDED", time.perf_counter() - started
+                )
+                raise RpcAbortError(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)) from None
+            return self._stream_error(work.rid, exc, started)
+        except Exception:
+            ref = uuid.uuid4().hex[:12]
+            log.exception(
+                "unexpected error scoring a stream item", extra={"error_ref": ref, "request_id": work.rid}
+            )
+            message = f"internal error (server log reference {ref})"
+            self.metrics.observe_request(STREAM_ITEM_METHOD, "INTERNAL", time.perf_counter() - started)
+            return convert.error_response(work.rid, grpc.StatusCode.INTERNAL, message)
+        self.metrics.observe_request(STREAM_ITEM_METHOD, "OK", time.perf_counter() - started)
+        return response
+
+    def _score_one(self, work: _Work, remaining: Remaining, started: float) -> pb.ScoreResponse:
+        with work.admitted:
+            engine = self._engine()
+            assert self.windows is not None and self.outcomes is not None and self.description is not None
+            left = remaining()  # 0 once the caller has gone: the engine drops the work unstarted
+            deadline = None if left is None else time.monotonic() + left
+            if not work.admitted.start(deadline):  # waited for decode memory past the deadline
+                raise DeadlineExceededError(f"request {work.rid}: deadline exceeded before decoding")
+            scored = engine.score(
+                work.source,
+                kind=work.kind,
+                name=work.name,
+                classifier_score=work.classifier_score,
+                deadline=deadline,
+            )
+            work.admitted.served()
         r = scored.result
+        rid = work.rid
         self.windows.add(rid, scored)
         self.outcomes.remember(
-            rid, Prediction(r.cluster, r.failure_probability, r.cluster_failure_probability, classifier_score)
+            rid,
+            Prediction(
+                r.cluster, r.failure_probability, r.cluster_failure_probability, work.classifier_score
+            ),
         )
         self.metrics.observe_scored(scored)
         return convert.scored_to_response(scored, rid, self.description, time.perf_counter() - started)
 
 
-class _Admission:
-    def __init__(self, handler: RequestHandler) -> None:
-        self._h = handler
+@dataclass(frozen=True)
+class _Work:
+    """One admitted image, ready for the worker pool."""
 
-    def __enter__(self) -> None:
-        h = self._h
-        with h._admit_lock:
-            if h._admitted >= h.settings.max_concurrent_rpcs:
-                raise _OverloadedError(
-                    f"server overloaded: {h._admitted} scoring requests in flight "
-                    f"(limit max_concurrent_rpcs={h.settings.max_concurrent_rpcs}); retry with backoff"
-                )
-            h._admitted += 1
-
-    def __exit__(self, *exc: object) -> None:
-        with self._h._admit_lock:
-            self._h._admitted -= 1
+    rid: str
+    name: str
+    source: bytes | np.ndarray
+    kind: str | None
+    classifier_score: float | None
+    admitted: Pass

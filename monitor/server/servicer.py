@@ -48,9 +48,12 @@ _NO_DEADLINE_SECONDS = 365 * 24 * 3600.0
 
 
 def _remaining(context: grpc.ServicerContext) -> Callable[[], float | None]:
-    """Seconds left before the caller's deadline, or ``None`` when the call has none."""
+    """Seconds left before the caller's deadline (0 once the caller has gone), or ``None`` when
+    the call has none."""
 
     def remaining() -> float | None:
+        if not context.is_active():  # the caller cancelled or went away: nothing is left to wait for
+            return 0.0
         try:
             left = context.time_remaining()
         except TypeError:  # no deadline on some grpc versions: deadline is None
