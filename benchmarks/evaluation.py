@@ -25,7 +25,7 @@ from scipy import stats
 from sklearn.metrics import adjusted_mutual_info_score, average_precision_score, roc_auc_score
 from sklearn.model_selection import RepeatedStratifiedKFold
 
-from monitor.reliability import cramers_v, youden_threshold
+from monitor.reliability import benjamini_hochberg, cramers_v, youden_threshold
 
 __all__ = [
     "INTENSITY_FEATURE_NAMES",
@@ -189,19 +189,6 @@ def bootstrap_auc_difference(
 
 
 # --------------------------------------------------------------------------- concentration
-
-
-def benjamini_hochberg(p: Any) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values), same order as ``p``."""
-    p = np.asarray(p, dtype=np.float64)
-    if p.size == 0:
-        return p.copy()
-    order = np.argsort(p)
-    ranked = p[order] * p.size / np.arange(1, p.size + 1)
-    q = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(p.size)
-    out[order] = np.clip(q, 0, 1)
-    return out
 
 
 def contingency(groups: Any, failures: Any) -> tuple[np.ndarray, np.ndarray]:
