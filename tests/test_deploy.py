@@ -387,6 +387,22 @@ def test_k8s_security_resources_and_shutdown(k8s_docs: list[dict]) -> None:
     assert spec["terminationGracePeriodSeconds"] > grace
 
 
+def test_k8s_memory_limit_holds_the_memory_budget(k8s_docs: list[dict]) -> None:
+    """The manifest's budget is the default, and its limit leaves the documented room for the
+    server's own memory (about 350 MiB idle with 2 decoder processes) and gRPC's buffers."""
+    from monitor.defaults import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MEMORY_BUDGET_BYTES
+
+    (deployment,) = [d for d in k8s_docs if d["kind"] == "Deployment"]
+    sidecar = _sidecar(deployment)
+    env = {e["name"]: e.get("value") for e in sidecar.get("env", [])}
+    budget = int(env["CXR_MONITOR_MEMORY_BUDGET_BYTES"])
+    assert budget == DEFAULT_MEMORY_BUDGET_BYTES
+    limit = sidecar["resources"]["limits"]["memory"]
+    units = {"Mi": 2**20, "Gi": 2**30}
+    limit_bytes = int(limit[:-2]) * units[limit[-2:]]
+    assert limit_bytes >= 350 * 2**20 + budget + 2 * DEFAULT_MAX_MESSAGE_BYTES
+
+
 def test_k8s_service_targets_sidecar_ports(k8s_docs: list[dict]) -> None:
     (deployment,) = [d for d in k8s_docs if d["kind"] == "Deployment"]
     (service,) = [d for d in k8s_docs if d["kind"] == "Service"]
