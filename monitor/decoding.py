@@ -239,6 +239,8 @@ def _child_main(sock: socket.socket, task: Task) -> None:
         except Exception as exc:
             reply, payload = _error_reply(exc), b""
         _send(sock, reply, payload)
+        # Not held while waiting for the next frame: an idle child kept a 60 MiB message for good.
+        del header, data, payload, reply
 
 
 class _Ticket:
@@ -334,6 +336,7 @@ class _Child:
                 _send(self.sock, item[0], item[1])
             except OSError:
                 return  # the child is gone; the reader fails what is pending
+            del item  # not held until the next image: it may be a 60 MiB message
 
     def _read(self) -> None:
         while True:

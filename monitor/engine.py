@@ -194,8 +194,11 @@ class Engine:
         if not isinstance(source, (bytes, bytearray, memoryview)):
             return 0, 0
         size = imaging.peek_size(bytes(source), kind)
-        pixels = 0 if size is None else size[0] * size[1] * size[2]
-        return 2 * len(source), pixels * BYTES_PER_PIXEL
+        if size is None:
+            return 2 * len(source), 0
+        rows, columns, samples = size
+        # Colour channels add the decoder's buffer and an array per channel before the grey check.
+        return 2 * len(source), rows * columns * (BYTES_PER_PIXEL + 2 * (samples - 1))
 
     def profile(self, source: Source, *, kind: str | None = None, name: str | None = None) -> np.ndarray:
         """The profile of one image, shape (n_features,), in the order of :attr:`feature_names`."""

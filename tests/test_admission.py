@@ -98,3 +98,22 @@ def test_a_decode_waits_for_memory_held_by_running_decodes() -> None:
     assert started.is_set() and control.bytes_in_flight == 60 * MiB
     b.done()
     assert control.bytes_in_flight == 0 and control.in_flight == 0
+
+
+def test_the_trimmer_trims_after_large_requests() -> None:
+    from monitor.server.memory import MemoryTrimmer
+
+    trimmer = MemoryTrimmer(threshold=100, delay=0.01, min_interval=0.05)
+    try:
+        if trimmer._thread is None:  # noqa: SLF001
+            pytest.skip("not glibc: malloc_trim is not available, the trimmer does nothing")
+        trimmer.note(60)
+        time.sleep(0.2)
+        assert trimmer.trims == 0  # under the threshold
+        trimmer.note(60)
+        end = time.monotonic() + 10
+        while trimmer.trims == 0:
+            assert time.monotonic() < end, "no trim after the threshold was crossed"
+            time.sleep(0.01)
+    finally:
+        trimmer.close()

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from monitor.artifact import load_model
 from monitor.client import ReliabilityClient, array_request, bytes_request
 from monitor.defaults import default_model_dir
 from monitor.engine import Engine
-from monitor.errors import DeadlineExceededError
+from monitor.errors import DeadlineExceededError, InvalidInputError
 from monitor.model import ReliabilityModel
 from monitor.proto import monitor_pb2 as pb
 from monitor.proto import monitor_pb2_grpc as pb_grpc
@@ -605,6 +606,47 @@ def test_short_client_deadlines_never_kill_a_decoder(
             assert served.decoder_pids() == before and served.stuck_decoder_kills == 0
     finally:
         server.stop(1)
+
+
+def test_memory_budget_sheds_what_does_not_fit(engine: Engine, png_bytes: bytes) -> None:
+    """Issue 9, defect 3: decoded pixels count before decoding (from the header)."""
+    registry = CollectorRegistry()
+    server, port = build_server(
+        _settings(metrics_port=-1, memory_budget_bytes=8 * 2**20), engine, registry=registry
+    )
+    server.start()
+    try:
+        with ReliabilityClient(f"127.0.0.1:{port}", timeout=60) as client:
+            err = _rpc_error(client.score_bytes, png_bytes, request_id="big")  # 1024 x 1024: ~13 MiB
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert re.match(r"request big: the image needs about \d+ MiB to decode and profile", err.details())
+            assert "memory budget (8 MiB, --memory-budget-bytes)" in err.details()
+            assert registry.get_sample_value("cxr_monitor_shed_requests_total", {"reason": "memory"}) == 1
+            small = np.ones((256, 256), np.float32) + np.eye(256, dtype=np.float32)
+            assert client.score_array(small, request_id="small").cluster >= 0  # the server goes on
+    finally:
+        server.stop(1)
+
+
+def test_an_idle_decoder_process_does_not_keep_a_large_message(
+    decoding_engine: Callable[..., Engine],
+) -> None:
+    """After a 40 MiB request the child used to hold it until its next image."""
+    served = decoding_engine(1)
+    served.warm_up()
+    (pid,) = served.decoder_pids()
+
+    def rss() -> int:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    before = rss()
+    with pytest.raises(InvalidInputError, match="not a readable image"):
+        served.score(b"junk" * (10 * 2**20), name="junk")
+    assert served.decoder_pids() == [pid]
+    end = time.monotonic() + 30  # the child lets go of it just after replying
+    while rss() - before >= 20 * 2**20:
+        assert time.monotonic() < end, f"the idle child holds {(rss() - before) / 2**20:.0f} MiB more"
+        time.sleep(0.05)
 
 
 def test_a_decode_over_the_time_limit_is_resource_exhausted_and_the_server_goes_on(

@@ -27,6 +27,7 @@ from ..proto import monitor_pb2 as pb
 from ..settings import Settings
 from . import convert
 from .admission import AdmissionControl, OverloadedError, Pass
+from .memory import MemoryTrimmer
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
@@ -66,6 +67,7 @@ class RequestHandler:
         self.metrics = metrics
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
+        self.trimmer = MemoryTrimmer()
         self.admission = AdmissionControl(
             settings.max_concurrent_rpcs, settings.workers, settings.memory_budget_bytes
         )
@@ -104,6 +106,7 @@ class RequestHandler:
     def close(self) -> None:
         """Stop the scoring threads (the engine belongs to the caller: see ``Engine.close``)."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self.trimmer.close()
 
     def _engine(self) -> Engine:
         if self.engine is None:
@@ -213,6 +216,7 @@ class RequestHandler:
         rid = request.request_id or uuid.uuid4().hex
         image = convert.request_to_input(request, rid)
         self.metrics.observe_input(image.size_bytes)
+        self.trimmer.note(image.size_bytes)  # admitted or not, gRPC has buffered the whole message
         classifier_score = None
         if request.HasField("classifier_score"):
             classifier_score = request.classifier_score
