@@ -619,7 +619,9 @@ def test_memory_budget_sheds_what_does_not_fit(engine: Engine, png_bytes: bytes)
         with ReliabilityClient(f"127.0.0.1:{port}", timeout=60) as client:
             err = _rpc_error(client.score_bytes, png_bytes, request_id="big")  # 1024 x 1024: ~13 MiB
             assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert re.match(r"request big: the image needs about \d+ MiB to decode and profile", err.details())
+            assert re.match(
+                r"request big: the image needs about \d+ MiB to decode and profile", err.details()
+            )
             assert "memory budget (8 MiB, --memory-budget-bytes)" in err.details()
             assert registry.get_sample_value("cxr_monitor_shed_requests_total", {"reason": "memory"}) == 1
             small = np.ones((256, 256), np.float32) + np.eye(256, dtype=np.float32)
