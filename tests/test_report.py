@@ -33,15 +33,9 @@ from monitor.report.figures import (
     select_thumbnails,
     thumbnails_figure,
 )
-from monitor.report.render import (
-    build_report,
-    fmt_interval,
-    fmt_p,
-    fmt_rate,
-    fmt_v,
-    render_html,
-    write_report,
-)
+from monitor.report.files import write_report
+from monitor.report.render import build_report, fmt_interval, fmt_p, fmt_rate, fmt_v
+from monitor.report.to_html import render_html
 from monitor.spectrum import SpectralProfiler
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -18,7 +18,7 @@ __all__ = ["register"]
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from ..artifact import load_model
-    from ..report.render import write_report
+    from ..report.files import write_report
 
     fmt = args.format or ("md" if Path(args.out).suffix.lower() in (".md", ".markdown") else "html")
     model = load_model(args.model)

@@ -63,11 +63,11 @@ _WHERE = {
     "select_thumbnails": "figures",
     "thumbnails_figure": "figures",
     "Report": "render",
-    "WrittenReport": "render",
+    "WrittenReport": "files",
     "build_report": "render",
-    "render_html": "render",
-    "render_markdown": "render",
-    "write_report": "render",
+    "render_html": "to_html",
+    "render_markdown": "to_markdown",
+    "write_report": "files",
 }
 
 
