@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from monitor.errors import DeadlineExceededError
 from monitor.server.admission import AdmissionControl, OverloadedError
 
 MiB = 2**20
@@ -51,6 +52,10 @@ def test_deadline_shorter_than_the_work_ahead_is_shed() -> None:
         control.admit(0, 0, 0.3, "late")
     assert info.value.reason == "deadline"
     control.admit(0, 0, 0.5, "in-time").done()
+    with pytest.raises(
+        DeadlineExceededError, match=r"too-short: the deadline \(0.05 s left\) is shorter than"
+    ):
+        control.admit(0, 0, 0.05, "too-short")  # not an overload: no retry would help
     control.admit(0, 0, None, "no-deadline").done()  # a call without a deadline waits its turn
     for p in held:
         p.done()

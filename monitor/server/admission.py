@@ -5,7 +5,8 @@ Three limits, each shedding with RESOURCE_EXHAUSTED at once (never after queuein
 * **count**: at most ``max_in_flight`` images admitted and not yet done;
 * **deadline**: a call whose deadline is shorter than the estimated time to serve it
   (the work ahead of it, spread over the worker threads, times the recent service time
-  per image) is refused at once instead of waiting in the queue only to expire there;
+  per image) is refused at once instead of waiting in the queue only to expire there
+  (DEADLINE_EXCEEDED instead when even an idle server could not make it);
 * **memory**: the bytes in flight stay within ``memory_budget``. Each image costs its
   encoded bytes (held from admission until done) and its decode cost (held while it is
   decoded and profiled; estimated from the header, see
@@ -22,7 +23,7 @@ import math
 import threading
 import time
 
-from ..errors import MonitorError
+from ..errors import DeadlineExceededError, MonitorError
 
 __all__ = ["AdmissionControl", "OverloadedError", "Pass"]
 
@@ -166,6 +167,12 @@ class AdmissionControl:
                         "memory",
                     )
             if deadline_left is not None:
+                alone = self._estimate(0)
+                if alone is not None and alone > deadline_left:  # too short even on an idle server
+                    raise DeadlineExceededError(
+                        f"{what}: the deadline ({deadline_left:.3g} s left) is shorter than the time one "
+                        f"image takes (about {alone:.3g} s): deadline exceeded before decoding"
+                    )
                 estimate = self._estimate(self._in_flight)
                 if estimate is not None and estimate > deadline_left:
                     raise OverloadedError(
