@@ -16,6 +16,7 @@ from .commands import COMMANDS
 from .commands.output import formatter
 from .defaults import EXIT_ERROR, EXIT_OK
 from .errors import MonitorError
+from .server.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
               0  success
               1  partial success: some images could not be read (each is reported on stderr)
               2  usage error
-              3  error: bad input table, invalid model, server error
+              3  error: no image could be read, bad input table, invalid model, server error
 
             environment:
               CXR_MONITOR_MODEL    default model directory (default: the bundled models/default)
@@ -69,10 +70,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # image's small matrix products: BLAS threads there only contend for the same 2 cores
     # (a 224 px profile took 8x longer under load with them).
     threadpool_limits(limits=1)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    # Warnings (pydicom, numpy) go through the log too: one line each, not the pair pydicom
+    # emits (a log record and a warning with the same text) nor the warning's source line.
+    # Like basicConfig, nothing changes when the host program (or pytest) already logs somewhere.
+    if not logging.getLogger().handlers:
+        configure_logging(
+            "text", "DEBUG" if args.verbose else "WARNING", text_format="%(levelname)s %(name)s: %(message)s"
+        )
     try:
         return int(args.func(args))
     except MonitorError as exc:

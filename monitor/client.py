@@ -36,6 +36,7 @@ __all__ = [
     "array_request",
     "bytes_request",
     "file_request",
+    "read_token_file",
     "to_dict",
 ]
 
@@ -123,8 +124,31 @@ def to_dict(message: Any) -> dict[str, Any]:
     return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
 
+Pem = str | os.PathLike | bytes
+
+
+def _pem(value: Pem | None, what: str) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"{what}: cannot read {value} ({exc.strerror or exc})") from exc
+
+
+def read_token_file(path: str | os.PathLike) -> str:
+    """The bearer token in a file (surrounding whitespace and the final newline dropped)."""
+    try:
+        token = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"token file {path}: cannot read an ASCII token ({exc})") from exc
+    if not token:
+        raise ValueError(f"token file {path} is empty")
+    return token
+
+
 class ReliabilityClient:
-    """Talk to a ``cxr-monitor serve`` sidecar over an insecure channel.
+    """Talk to a ``cxr-monitor serve`` sidecar, in plaintext or over TLS, with an optional token.
 
     Parameters
     ----------
@@ -134,6 +158,15 @@ class ReliabilityClient:
         Default deadline of each call, in seconds (None: no deadline).
     max_message_bytes : int
         Largest message sent or received (match the server's setting).
+    tls : bool
+        Use TLS, trusting the system's CA certificates (implied by ``tls_ca``, ``tls_cert``).
+    tls_ca : path or bytes, optional
+        PEM CA certificate(s) that signed the server's certificate.
+    tls_cert, tls_key : path or bytes, optional
+        The client's PEM certificate chain and key, for servers that require mutual TLS.
+    token : str, optional
+        Sent as ``authorization: Bearer <token>`` with every call (see :func:`read_token_file`).
+        Over plaintext it travels in the clear: use TLS beyond a trusted network.
     """
 
     def __init__(
@@ -142,16 +175,30 @@ class ReliabilityClient:
         *,
         timeout: float | None = None,
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        tls: bool = False,
+        tls_ca: Pem | None = None,
+        tls_cert: Pem | None = None,
+        tls_key: Pem | None = None,
+        token: str | None = None,
     ) -> None:
+        if (tls_cert is None) != (tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: give both or neither")
         self.address = address
         self.timeout = timeout
-        self._channel = grpc.insecure_channel(
-            address,
-            options=[
-                ("grpc.max_send_message_length", max_message_bytes),
-                ("grpc.max_receive_message_length", max_message_bytes),
-            ],
-        )
+        options = [
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes),
+        ]
+        if tls or tls_ca is not None or tls_cert is not None:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_pem(tls_ca, "tls_ca"),
+                private_key=_pem(tls_key, "tls_key"),
+                certificate_chain=_pem(tls_cert, "tls_cert"),
+            )
+            self._channel = grpc.secure_channel(address, credentials, options=options)
+        else:
+            self._channel = grpc.insecure_channel(address, options=options)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
         self._stub = pb_grpc.ReliabilityMonitorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
@@ -169,7 +216,7 @@ class ReliabilityClient:
 
     def score(self, request: pb.ScoreRequest, *, timeout: float | None = None) -> pb.ScoreResponse:
         """Send a prepared ScoreRequest (see :func:`file_request`, :func:`bytes_request`, :func:`array_request`)."""
-        return self._stub.Score(request, timeout=self._t(timeout))
+        return self._stub.Score(request, timeout=self._t(timeout), metadata=self._metadata)
 
     def score_file(
         self, path: str | os.PathLike, *, timeout: float | None = None, **kwargs: Any
@@ -198,7 +245,7 @@ class ReliabilityClient:
             for item in requests:
                 yield item if isinstance(item, pb.ScoreRequest) else file_request(item)
 
-        return self._stub.ScoreStream(gen(), timeout=self._t(timeout))
+        return self._stub.ScoreStream(gen(), timeout=self._t(timeout), metadata=self._metadata)
 
     def report_outcome(
         self,
@@ -221,10 +268,12 @@ class ReliabilityClient:
                 req.labelled.score = float(score)
         else:
             raise ValueError("give failure=True/False or label=0/1")
-        return self._stub.ReportOutcome(req, timeout=self._t(timeout))
+        return self._stub.ReportOutcome(req, timeout=self._t(timeout), metadata=self._metadata)
 
     def model_info(self, *, timeout: float | None = None) -> pb.ModelInfo:
-        return self._stub.GetModelInfo(pb.ModelInfoRequest(), timeout=self._t(timeout))
+        return self._stub.GetModelInfo(
+            pb.ModelInfoRequest(), timeout=self._t(timeout), metadata=self._metadata
+        )
 
     def health(self, service: str = "", *, timeout: float | None = 5.0) -> str:
         """The health status name: ``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN`` or ``UNKNOWN``."""

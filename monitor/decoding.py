@@ -211,9 +211,11 @@ def _rebuild_error(error: Any) -> Exception:
     return exc
 
 
-def _child_main(sock: socket.socket, task: Task) -> None:
+def _child_main(sock: socket.socket, task: Task, setup: Callable[[], None] | None = None) -> None:
     # Ctrl-C reaches the whole process group; the parent decides when children stop.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if setup is not None:
+        setup()  # e.g. log (and route warnings) in the parent's format: children share its stderr
     # As in the parent (cli.main): parallelism is across images, so one BLAS thread per
     # process; with two, the children's small resampling products contended for the 2 cores.
     from threadpoolctl import threadpool_limits
@@ -279,9 +281,10 @@ class _Child:
         on_exit: Callable[[_Child], None],
         on_done: Callable[[], None],
         max_reply_bytes: int,
+        setup: Callable[[], None] | None = None,
     ) -> None:
         self.sock, child_end = socket.socketpair()
-        self.process = context.Process(target=_child_main, args=(child_end, task), daemon=True)
+        self.process = context.Process(target=_child_main, args=(child_end, task, setup), daemon=True)
         self.process.start()
         child_end.close()
         self._on_exit = on_exit
@@ -403,12 +406,21 @@ class DecodePool:
         :func:`decode_and_profile` unless a test substitutes one.
     max_reply_bytes : int, default=1 MiB
         Largest payload a child may send back (a profile is a few hundred bytes).
+    setup : callable, optional
+        Run once in each child before its first image; a module-level function or a
+        ``functools.partial`` of one (it travels to the spawned process by reference). The
+        server passes its logging set-up, so that the decoders' warnings reach its log in its
+        format instead of raw lines on the stderr the children share with it.
     """
 
     depth = 2
 
     def __init__(
-        self, processes: int, task: Task = decode_and_profile, max_reply_bytes: int = 1 << 20
+        self,
+        processes: int,
+        task: Task = decode_and_profile,
+        max_reply_bytes: int = 1 << 20,
+        setup: Callable[[], None] | None = None,
     ) -> None:
         if processes < 1:
             raise ValueError(f"processes must be >= 1, got {processes}")
@@ -416,6 +428,7 @@ class DecodePool:
         self._context = multiprocessing.get_context("spawn")
         self._task = task
         self._max_reply = max_reply_bytes
+        self._setup = setup
         self._lock = threading.Lock()
         self._closed = False
         self._changed = threading.Condition(self._lock)  # a child was replaced, or the pool closed
@@ -427,7 +440,9 @@ class DecodePool:
         self._watchdog.start()
 
     def _spawn(self) -> _Child:
-        return _Child(self._context, self._task, self._child_exited, self._release, self._max_reply)
+        return _Child(
+            self._context, self._task, self._child_exited, self._release, self._max_reply, self._setup
+        )
 
     def _acquire(self, deadline: float | None) -> bool:
         """Wait for a place in a child's hands; False when ``deadline`` passed first."""

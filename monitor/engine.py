@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ class Engine:
         and decoded images are always profiled in the calling thread.
     decode_timeout : float, default=60
         Seconds a decoder process may spend on one image before it is killed and replaced.
+    decoder_setup : callable, optional
+        Run once in each decoder process first (see :class:`~monitor.decoding.DecodePool`);
+        the server passes its logging set-up.
     """
 
     def __init__(
@@ -63,6 +67,7 @@ class Engine:
         wisdom_path: str | os.PathLike | None = None,
         decode_processes: int = 0,
         decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
+        decoder_setup: Callable[[], None] | None = None,
     ) -> None:
         self.model = model
         self.max_pixels = max_pixels
@@ -70,7 +75,7 @@ class Engine:
         self._profiler = SpectralProfiler.from_spec(
             model.profiler.spec(), fft_threads=fft_threads, wisdom_path=wisdom_path
         )
-        self._decoders = DecodePool(decode_processes) if decode_processes else None
+        self._decoders = DecodePool(decode_processes, setup=decoder_setup) if decode_processes else None
 
     @classmethod
     def from_directory(cls, directory: str | os.PathLike, **kwargs: Any) -> Engine:

@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_DECODE_TIMEOUT",
     "DEFAULT_FFT_THREADS",
     "DEFAULT_GRACE_SECONDS",
+    "DEFAULT_HEALTH_PORT",
     "DEFAULT_HOST",
     "DEFAULT_LOG_FORMAT",
     "DEFAULT_LOG_LEVEL",
@@ -49,6 +50,7 @@ __all__ = [
     "ENV_PREFIX",
     "LOG_FORMATS",
     "LOG_LEVELS",
+    "MIN_TOKEN_CHARS",
     "Settings",
     "available_cpus",
     "env_name",
@@ -56,6 +58,7 @@ __all__ = [
 
 ENV_PREFIX = "CXR_MONITOR_"
 
+DEFAULT_HEALTH_PORT = -1
 DEFAULT_WORKERS = 4
 DEFAULT_FFT_THREADS = 1
 DEFAULT_DECODE_PROCESSES = "auto"
@@ -68,6 +71,8 @@ DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_FORMATS = ("json", "text")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+# A bearer token shorter than this is refused: it could be guessed.
+MIN_TOKEN_CHARS = 16
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,72 @@ class Settings:
         metadata={
             "help": "Port of the Prometheus /metrics HTTP server; 0 picks a free port, -1 disables it."
         },
+    )
+
+    metrics_host: str = field(
+        default="",
+        metadata={
+            "help": "Address the /metrics server binds to; empty: the same as --host. E.g. 127.0.0.1 "
+            "to keep metrics on the pod, or the gRPC port public and metrics on an internal interface."
+        },
+    )
+
+    health_port: int = field(
+        default=DEFAULT_HEALTH_PORT,
+        metadata={
+            "help": "A second gRPC port on --host that serves only grpc.health.v1, in plaintext and "
+            "without a token, for probes that can do neither (Kubernetes gRPC probes) when the main "
+            "port uses TLS; 0 picks a free port, -1 disables it. Health on the main port stays open too."
+        },
+    )
+
+    tls_cert: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM certificate chain of the server: serve gRPC over TLS (with --tls-key). "
+            "Read at start; restart to rotate."
+        },
+    )
+
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert."})
+
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata={
+            "help": "PEM CA certificates: require a client certificate signed by one of them (mutual "
+            "TLS); needs --tls-cert."
+        },
+    )
+
+    auth_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "secret": True,
+            "help": "Bearer token every cxrmonitor.v1 call must carry (metadata `authorization: Bearer "
+            "<token>`); UNAUTHENTICATED otherwise. Health and reflection stay open. Environment only, "
+            "never a flag (argv is visible to every user); or use --auth-token-file.",
+        },
+    )
+
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata={"help": "File holding the auth token (e.g. a mounted Kubernetes secret)."},
+    )
+
+    outcome_token: str = field(
+        default="",
+        repr=False,
+        metadata={
+            "secret": True,
+            "help": "Bearer token for ReportOutcome instead of the auth token, so that whoever scores "
+            "cannot report outcomes and the reporter cannot score. Environment only; or use "
+            "--outcome-token-file.",
+        },
+    )
+
+    outcome_token_file: Path | None = field(
+        default=None, metadata={"help": "File holding the outcome token."}
     )
 
     workers: int = field(
@@ -186,6 +257,9 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "outcome_token_file"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         object.__setattr__(self, "log_format", self.log_format.lower())
         object.__setattr__(self, "log_level", self.log_level.upper())
         for name in ("workers", "fft_threads", "window_images", "max_message_bytes", "max_pixels",
@@ -208,6 +282,25 @@ class Settings:
             raise InvalidInputError(
                 f"setting metrics_port must be -1 (off) or in 0..65535, got {self.metrics_port}"
             )
+        if not -1 <= self.health_port <= 65535:
+            raise InvalidInputError(
+                f"setting health_port must be -1 (off) or in 0..65535, got {self.health_port}"
+            )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidInputError("settings tls_cert and tls_key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidInputError(
+                "setting tls_client_ca (mutual TLS) needs tls_cert and tls_key: the server must use TLS"
+            )
+        for name in ("auth_token", "outcome_token"):
+            value = getattr(self, name)
+            if value and getattr(self, name + "_file") is not None:
+                raise InvalidInputError(f"settings {name} and {name}_file are exclusive: give one")
+            if value and (len(value) < MIN_TOKEN_CHARS or value != value.strip()):
+                raise InvalidInputError(
+                    f"setting {name} must be at least {MIN_TOKEN_CHARS} characters without surrounding "
+                    f"whitespace (got {len(value)} characters)"
+                )
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(
                 f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"
@@ -228,8 +321,17 @@ class Settings:
     @property
     def address(self) -> str:
         """``host:port`` for the gRPC server (IPv6 hosts bracketed)."""
-        host = f"[{self.host}]" if ":" in self.host and not self.host.startswith("[") else self.host
-        return f"{host}:{self.port}"
+        return _join(self.host, self.port)
+
+    @property
+    def health_address(self) -> str | None:
+        """``host:health_port`` of the plaintext health-only server, or None when disabled."""
+        return None if self.health_port < 0 else _join(self.host, self.health_port)
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: ``metrics_host``, else ``host``."""
+        return self.metrics_host or self.host
 
     @classmethod
     def load(
@@ -264,8 +366,13 @@ class Settings:
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
+        """Every setting as plain values for the start-up log; secrets show only whether they are set."""
         d = dataclasses.asdict(self)
-        d["model"] = str(self.model)
+        for f in fields(self):
+            if isinstance(d[f.name], Path):
+                d[f.name] = str(d[f.name])
+            if f.metadata.get("secret"):
+                d[f.name] = "(set)" if d[f.name] else ""
         d["decode_process_count"] = self.decode_process_count
         return d
 
@@ -325,6 +432,11 @@ def _count_or_auto(name: str, value: int | str) -> int | str:
     return count
 
 
+def _join(host: str, port: int) -> str:
+    host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"{host}:{port}"
+
+
 def env_name(field_name: str) -> str:
     """The environment variable of a setting: ``metrics_port`` → ``CXR_MONITOR_METRICS_PORT``."""
     return ENV_PREFIX + field_name.upper()
@@ -333,7 +445,7 @@ def env_name(field_name: str) -> str:
 def _parse(f: dataclasses.Field, raw: str) -> Any:
     if str(f.type) == "int | str":
         return _count_or_auto(f.name, raw)
-    kind = {"Path": Path, "int": int, "float": float, "str": str}[str(f.type)]
+    kind = {"Path": Path, "Path | None": Path, "int": int, "float": float, "str": str}[str(f.type)]
     try:
         return kind(raw)
     except ValueError:

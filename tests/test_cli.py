@@ -185,3 +185,30 @@ def test_usage_error_exit_code() -> None:
     with pytest.raises(SystemExit) as exc:
         build_parser().parse_args(["fit"])
     assert exc.value.code == 2
+
+
+def test_score_exit_status_partial_or_error(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (issue 9, defect 8): every input failing was 'partial' (1), not an error (3)."""
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    good = data_dir / "nih" / "images" / "00000075_000.webp"
+    assert main(["score", str(bad), str(good), "--json"]) == 1
+    assert main(["score", str(bad), str(tmp_path / "missing.png")]) == 3
+    assert main(["drift", str(bad)]) == 3
+    err = capsys.readouterr().err
+    assert "bad.png: not a readable image" in err and "no image could be scored" in err
+
+
+@pytest.mark.parametrize("command", [["score"], ["drift"], ["client", "score"]])
+def test_empty_folder_error_names_the_folder(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression (issue 9, defect 8): "no image files given" did not say where nothing was found."""
+    empty = tmp_path / "scans"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    assert main([*command, str(empty)]) == 3
+    err = capsys.readouterr().err
+    assert f"no image files in {empty} (looked for .dcm, .dicom, " in err

@@ -107,9 +107,51 @@ def test_every_field_has_help_flag_and_env_name() -> None:
     help_text = serve.format_help()
     for f in fields(Settings):
         assert f.metadata["help"]
+        if f.metadata.get("secret"):  # environment only: argv is visible to every user
+            assert "--" + f.name.replace("_", "-") + " " not in help_text
+            continue
         assert "--" + f.name.replace("_", "-") in help_text
         assert env_name(f.name) in help_text
     assert env_name("metrics_port") == "CXR_MONITOR_METRICS_PORT"
+
+
+def test_security_settings_from_the_environment() -> None:
+    env = {"CXR_MONITOR_TLS_CERT": "/run/tls/tls.crt", "CXR_MONITOR_TLS_KEY": "/run/tls/tls.key",
+           "CXR_MONITOR_TLS_CLIENT_CA": "/run/tls/ca.crt", "CXR_MONITOR_AUTH_TOKEN": "t" * 16,
+           "CXR_MONITOR_OUTCOME_TOKEN_FILE": "/run/token", "CXR_MONITOR_METRICS_HOST": "127.0.0.1",
+           "CXR_MONITOR_HEALTH_PORT": "50052"}  # fmt: skip
+    s = Settings.load({}, environ=env)
+    assert (s.tls_cert, s.tls_key, s.tls_client_ca) == tuple(
+        Path(f"/run/tls/{n}") for n in ("tls.crt", "tls.key", "ca.crt")
+    )
+    assert s.auth_token == "t" * 16 and s.outcome_token_file == Path("/run/token")
+    assert (s.metrics_bind_host, s.health_address) == ("127.0.0.1", "0.0.0.0:50052")
+    d = Settings.load({}, environ={})
+    assert (d.tls_cert, d.auth_token, d.health_address, d.metrics_bind_host) == (None, "", None, "0.0.0.0")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"CXR_MONITOR_TLS_CERT": "c.pem"},
+            "settings tls_cert and tls_key go together: give both or neither",
+        ),
+        (
+            {"CXR_MONITOR_TLS_CLIENT_CA": "ca.pem"},
+            "setting tls_client_ca (mutual TLS) needs tls_cert and tls_key",
+        ),
+        ({"CXR_MONITOR_AUTH_TOKEN": "short"}, "setting auth_token must be at least 16 characters"),
+        (
+            {"CXR_MONITOR_OUTCOME_TOKEN": "o" * 16, "CXR_MONITOR_OUTCOME_TOKEN_FILE": "/t"},
+            "settings outcome_token and outcome_token_file are exclusive",
+        ),  # fmt: skip
+        ({"CXR_MONITOR_HEALTH_PORT": "-2"}, "setting health_port must be -1 (off) or in 0..65535, got -2"),
+    ],
+)
+def test_bad_security_settings_name_the_setting(env: dict[str, str], message: str) -> None:
+    with pytest.raises(InvalidInputError, match=re.escape(message)):
+        Settings.load({}, environ=env)
 
 
 @pytest.mark.parametrize(

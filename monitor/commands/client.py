@@ -15,8 +15,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
-from .output import add_command, expand_paths, print_json
-from .remote import add_connection_options
+from .output import add_command, expand_paths, no_images_message, print_json
+from .remote import add_connection_options, connect
 
 __all__ = ["register"]
 
@@ -45,14 +45,14 @@ def _print_response(path: str, r: Any) -> None:
 def _cmd_client_score(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import ReliabilityClient, file_request, to_dict
+    from ..client import file_request, to_dict
 
     paths = expand_paths(args.paths)
     if not paths:
-        print("error: no image files given", file=sys.stderr)
+        print(f"error: {no_images_message(args.paths)}", file=sys.stderr)
         return EXIT_ERROR
     failed = 0
-    with ReliabilityClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         for path in paths:
             try:
                 request = file_request(path, format=args.format, classifier_score=args.score,
@@ -89,13 +89,13 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
     import grpc
     from tqdm import tqdm
 
-    from ..client import ReliabilityClient, file_request
+    from ..client import file_request
 
     paths = expand_paths([args.folder])
     if args.limit is not None:
         paths = paths[: args.limit]
     if not paths:
-        print(f"error: no images in {args.folder}", file=sys.stderr)
+        print(f"error: {no_images_message([args.folder])}", file=sys.stderr)
         return EXIT_ERROR
     if args.concurrency < 1:
         print(f"error: --concurrency must be >= 1, got {args.concurrency}", file=sys.stderr)
@@ -107,7 +107,7 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
     def requests() -> Iterator[Any]:
         for i, path in enumerate(paths):
             slots.acquire()
-            rid = f"{i}:{path.name}"
+            rid = f"{i}:{path.name[:200]}"  # request ids are limited to 256 characters
             try:
                 request = file_request(path, request_id=rid)
             except OSError as exc:
@@ -123,7 +123,7 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
     novel = blind = 0
     start = time.perf_counter()
     bar = tqdm(total=len(paths), desc="replay", unit="img", disable=True if args.no_progress else None)
-    with ReliabilityClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             for r in client.score_stream(requests()):
                 now = time.perf_counter()
@@ -182,9 +182,9 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
 def _cmd_client_info(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import ReliabilityClient, to_dict
+    from ..client import to_dict
 
-    with ReliabilityClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             info = client.model_info()
         except grpc.RpcError as exc:
@@ -213,7 +213,7 @@ def _cmd_client_info(args: argparse.Namespace) -> int:
 def _cmd_client_outcome(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import ReliabilityClient, to_dict
+    from ..client import to_dict
 
     kwargs: dict[str, Any] = {}
     if args.failure is not None:
@@ -221,7 +221,7 @@ def _cmd_client_outcome(args: argparse.Namespace) -> int:
     else:
         kwargs["label"] = args.label
         kwargs["score"] = args.score
-    with ReliabilityClient(args.address, timeout=args.timeout) as client:
+    with connect(args) as client:
         try:
             r = client.report_outcome(args.request_id, **kwargs)
         except grpc.RpcError as exc:

@@ -15,7 +15,14 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["add_command", "expand_paths", "formatter", "print_cluster_table", "print_json"]
+__all__ = [
+    "add_command",
+    "expand_paths",
+    "formatter",
+    "no_images_message",
+    "print_cluster_table",
+    "print_json",
+]
 
 
 def print_json(obj: Any) -> None:
@@ -44,6 +51,17 @@ def expand_paths(items: Sequence[str]) -> list[Path]:
         p = Path(item)
         out.extend(iter_image_files(p) if p.is_dir() else [p])
     return out
+
+
+def no_images_message(items: Sequence[str]) -> str:
+    """The error for paths that hold no image file, naming them (an empty folder, a wrong path)."""
+    from ..imaging import IMAGE_SUFFIXES
+
+    named = ", ".join(str(i) for i in items)
+    return (
+        f"no image files in {named} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files "
+        "without a suffix, recursively)"
+    )
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:

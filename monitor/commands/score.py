@@ -9,9 +9,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..defaults import EXIT_OK, EXIT_PARTIAL, default_model_dir
+from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, default_model_dir
 from ..errors import InvalidInputError, MonitorError
-from .output import add_command, expand_paths, print_json
+from .output import add_command, expand_paths, no_images_message, print_json
 
 __all__ = ["register"]
 
@@ -40,7 +40,7 @@ def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None
     scores = _read_scores(args.scores) if getattr(args, "scores", None) else {}
     paths = expand_paths(args.paths)
     if not paths:
-        raise InvalidInputError("no image files given")
+        raise InvalidInputError(no_images_message(args.paths))
     scored, status = [], EXIT_OK
     for path in tqdm(paths, desc="scoring", unit="img", disable=not args.progress, leave=False):
         s = scores.get(path.name, scores.get(str(path)))
@@ -52,6 +52,8 @@ def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None
             continue
         scored.append(result)
         on_result(path, result)
+    if not scored:  # every input failed: an error, not a partial success (as `client score`)
+        status = EXIT_ERROR
     return engine, scored, status
 
 
@@ -75,6 +77,9 @@ def _cmd_score(args: argparse.Namespace) -> int:
 
 def _cmd_drift(args: argparse.Namespace) -> int:
     engine, scored, status = _score_paths(args, lambda p, s: None)
+    if not scored:
+        print("error: no image could be scored, so there is no batch to test for drift", file=sys.stderr)
+        return status
     report = engine.batch_drift(scored)
     if args.json:
         print_json(report.to_dict())

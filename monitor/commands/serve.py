@@ -16,13 +16,13 @@ from typing import Any
 from ..defaults import DEFAULT_PORT, EXIT_OK
 from ..settings import Settings, env_name
 from .output import add_command
-from .remote import add_connection_options
+from .remote import add_connection_options, connect
 
 __all__ = ["register"]
 
 log = logging.getLogger("cxr_monitor.server")
 
-_FLAG_TYPES = {"Path": str, "int": int, "float": float, "str": str, "int | str": str}
+_FLAG_TYPES = {"Path": str, "Path | None": str, "int": int, "float": float, "str": str, "int | str": str}
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -66,16 +66,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _cmd_health(args: argparse.Namespace) -> int:
     import grpc
 
-    from ..client import ReliabilityClient
-
     address = args.address
     if address is None:
-        # Where `serve` would listen in this environment (CXR_MONITOR_HOST/PORT), so that a
-        # container HEALTHCHECK follows a changed port; loopback for a wildcard host.
+        # Where `serve` would listen in this environment (CXR_MONITOR_HOST/PORT, or the plaintext
+        # CXR_MONITOR_HEALTH_PORT when set), so that a container HEALTHCHECK follows a changed
+        # port and needs no TLS files; loopback for a wildcard host.
         settings = Settings.load({})
+        port = settings.health_port if settings.health_port >= 0 else settings.port
         wildcard = settings.host in ("0.0.0.0", "::", "[::]", "")
-        address = f"127.0.0.1:{settings.port}" if wildcard else settings.address
-    with ReliabilityClient(address) as client:
+        host = "127.0.0.1" if wildcard else settings.address.rsplit(":", 1)[0]
+        address = f"{host}:{port}"
+    with connect(args, address) as client:
         try:
             status = client.health(args.service, timeout=args.timeout)
         except grpc.RpcError as exc:
@@ -104,15 +105,29 @@ def register(sub: Any) -> None:
         Each option can also be set by an environment variable (shown in brackets);
         a flag wins over the variable, the variable over the default. Logs go to
         stderr, by default as JSON lines (ts, level, logger, msg, ...).
+
+        Security (deploy/README.md): --tls-cert/--tls-key serve TLS, --tls-client-ca
+        requires client certificates (mutual TLS). A bearer token (metadata
+        "authorization: Bearer <token>") is required when one is configured:
+        --auth-token-file or CXR_MONITOR_AUTH_TOKEN for every cxrmonitor.v1 call,
+        --outcome-token-file or CXR_MONITOR_OUTCOME_TOKEN for ReportOutcome instead.
+        Tokens are never flags (argv is visible to every user). Health and
+        reflection need no token; --health-port serves health in plaintext for
+        probes that cannot do TLS.
         """,
         """
         examples:
           cxr-monitor serve
           cxr-monitor serve --model models/mine --port 50051 --metrics-port 9108 --workers 2
           CXR_MONITOR_WORKERS=2 CXR_MONITOR_LOG_FORMAT=text cxr-monitor serve
+          cxr-monitor serve --tls-cert tls.crt --tls-key tls.key --tls-client-ca ca.crt \\
+              --auth-token-file /run/secrets/token --health-port 50052 --metrics-host 127.0.0.1
         """,
     )
     for f in fields(Settings):
+        if f.metadata.get("secret"):  # environment only: argv is visible to every user (ps)
+            p.set_defaults(**{f.name: None})
+            continue
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
         kwargs: dict[str, Any] = {"type": _FLAG_TYPES[str(f.type)], "default": None, "dest": f.name}
@@ -138,7 +153,8 @@ def register(sub: Any) -> None:
         "examples:\n  cxr-monitor health\n  cxr-monitor health --address localhost:50051",
     )
     add_connection_options(p, default=None, default_text=f"where serve would listen here: {env_name('host')} "
-             f"(127.0.0.1 for 0.0.0.0) and {env_name('port')}, else 127.0.0.1:{DEFAULT_PORT}")  # fmt: skip
+             f"(127.0.0.1 for 0.0.0.0) and {env_name('health_port')} if set, else {env_name('port')}, "
+             f"else 127.0.0.1:{DEFAULT_PORT}")  # fmt: skip
     p.set_defaults(timeout=3.0)
     p.add_argument("--service", default="", help='service name to check (default: "", the whole server)')
     p.set_defaults(func=_cmd_health)

@@ -169,6 +169,7 @@ class RequestHandler:
     def report_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:
         self._engine()
         assert self.outcomes is not None and self.windows is not None and self.description is not None
+        convert.check_outcome_request(request)
         rid = request.request_id
         if not rid:
             raise InvalidInputError("outcome: request_id is empty")
@@ -213,6 +214,7 @@ class RequestHandler:
     def _admit(self, request: pb.ScoreRequest, remaining: Remaining) -> _Work:
         """Unpack and check a request, then admit it by count, deadline and memory (or shed it)."""
         engine = self._engine()
+        convert.check_score_request(request)
         rid = request.request_id or uuid.uuid4().hex
         image = convert.request_to_input(request, rid)
         self.metrics.observe_input(image.size_bytes)
@@ -239,6 +241,7 @@ class RequestHandler:
         return _Work(rid, image.name, source, image.kind, classifier_score, admitted)
 
     def _stream_error(self, rid: str, exc: MonitorError, started: float) -> pb.ScoreResponse:
+        rid = convert.log_id(rid)  # an id rejected for its size is neither logged nor echoed whole
         code, message = convert.status_code(exc), str(exc)
         self.metrics.observe_request(STREAM_ITEM_METHOD, code.name, time.perf_counter() - started)
         log.info("stream item failed", extra={"request_id": rid, "code": code.name, "error": message})

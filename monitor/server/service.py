@@ -8,6 +8,7 @@ within the grace period, then stops the metrics server and the scoring pool.
 
 from __future__ import annotations
 
+import functools
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from wsgiref.simple_server import WSGIServer
@@ -23,14 +24,19 @@ from ..metrics import MonitorMetrics
 from ..proto import monitor_pb2_grpc as pb_grpc
 from ..settings import Settings
 from .handler import RequestHandler
+from .logs import configure_logging
+from .security import CallGate, read_token, server_credentials
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
 
 __all__ = ["MonitorServer", "build_engine", "build_server"]
 
 log = logging.getLogger("cxr_monitor.server")
 
-# RPC slots and handler threads beyond max_concurrent_rpcs, so health checks, model info and
-# outcomes are answered (and overloaded scoring RPCs rejected promptly) when scoring is saturated.
+# Handler threads beyond max_concurrent_rpcs, so that model info and outcomes are answered (and
+# overloaded scoring RPCs rejected promptly) when every admitted scoring call holds a thread.
+# There is deliberately no grpc-wide `maximum_concurrent_rpcs`: it counts every RPC, so a busy
+# server refused health checks ("Concurrent RPC limit exceeded") and Kubernetes restarted it;
+# scoring is limited by the handler's admission instead, and health Check has its own threads.
 _SPARE = 8
 
 
@@ -58,15 +64,20 @@ class MonitorServer:
         self.metrics.model_loaded.set(0)
         self.handler = RequestHandler(settings, self.metrics)
         self.health = health.HealthServicer()
-        limit = settings.max_concurrent_rpcs + _SPARE
+        credentials = server_credentials(settings)
+        self.gate = CallGate(
+            SERVICE_NAME,
+            auth_token=read_token(settings.auth_token, settings.auth_token_file, "auth_token"),
+            outcome_token=read_token(settings.outcome_token, settings.outcome_token_file, "outcome_token"),
+            on_reject=lambda method, code: self.metrics.requests.labels(method=method, code=code).inc(),
+        )
         self.grpc_server = grpc.server(
-            ThreadPoolExecutor(max_workers=limit, thread_name_prefix="grpc"),
-            maximum_concurrent_rpcs=limit,
-            options=[
+            ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + _SPARE, thread_name_prefix="grpc"),
+            interceptors=[self.gate],
+            options=_OPTIONS
+            + [
                 ("grpc.max_receive_message_length", settings.max_message_bytes),
                 ("grpc.max_send_message_length", settings.max_message_bytes),
-                # Without this, a second server on the same port would silently share it.
-                ("grpc.so_reuseport", 0),
             ],
         )
         pb_grpc.add_ReliabilityMonitorServicer_to_server(
@@ -78,29 +89,45 @@ class MonitorServer:
         )
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-        try:
-            self.port = self.grpc_server.add_insecure_port(settings.address)
-        except RuntimeError as exc:
-            raise _BindError(
-                f"cannot listen on {settings.address} for gRPC ({exc}); is the port in use?"
-            ) from exc
+        self.port = _bind(self.grpc_server, settings.address, credentials, "gRPC")
+        # Probes that can send neither a token nor a TLS handshake (Kubernetes gRPC probes) get a
+        # plaintext port that serves health only; the scoring API never listens there.
+        self.health_server: grpc.Server | None = None
+        self.health_port: int | None = None
+        if settings.health_address is not None:
+            self.health_server = grpc.server(
+                ThreadPoolExecutor(max_workers=2, thread_name_prefix="health"), options=_OPTIONS
+            )
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+            self.health_port = _bind(self.health_server, settings.health_address, None, "health checks")
         self._metrics_http: WSGIServer | None = None
         self.metrics_port: int | None = None
 
     def start(self) -> None:
         """Start serving RPCs (NOT_SERVING until :meth:`attach`) and /metrics."""
         self.grpc_server.start()
+        if self.health_server is not None:
+            self.health_server.start()
         s = self.settings
         if s.metrics_port >= 0:
+            host = s.metrics_bind_host
             try:
-                self._metrics_http, _ = start_http_server(s.metrics_port, addr=s.host, registry=self.registry)
+                self._metrics_http, _ = start_http_server(s.metrics_port, addr=host, registry=self.registry)
             except OSError as exc:
                 self.grpc_server.stop(None)
-                raise _BindError(f"cannot listen on {s.host}:{s.metrics_port} for /metrics ({exc})") from exc
+                if self.health_server is not None:
+                    self.health_server.stop(None)
+                raise _BindError(f"cannot listen on {host}:{s.metrics_port} for /metrics ({exc})") from exc
             self.metrics_port = self._metrics_http.server_port
         log.info(
             "listening",
-            extra={"address": s.address, "port": self.port, "metrics_port": self.metrics_port},
+            extra={
+                "address": s.address,
+                "port": self.port,
+                "tls": "mutual" if s.tls_client_ca else ("server" if s.tls_cert else "off"),
+                "health_port": self.health_port,
+                "metrics_port": self.metrics_port,
+            },
         )
 
     def attach(self, engine: Engine) -> None:
@@ -130,6 +157,9 @@ class MonitorServer:
         log.info("shutting down", extra={"grace_seconds": grace})
         self.health.enter_graceful_shutdown()
         self.grpc_server.stop(grace).wait()
+        if self.health_server is not None:
+            self.health_server.stop(None).wait()
+        self.gate.close()
         self.metrics.model_loaded.set(0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
@@ -141,6 +171,19 @@ class MonitorServer:
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the gRPC server has stopped; True if it did within ``timeout``."""
         return self.grpc_server.wait_for_termination(timeout)
+
+
+# Without so_reuseport=0, a second server on the same port would silently share it.
+_OPTIONS: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+
+
+def _bind(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None, what: str) -> int:
+    try:
+        if credentials is None:
+            return server.add_insecure_port(address)
+        return server.add_secure_port(address, credentials)
+    except RuntimeError as exc:
+        raise _BindError(f"cannot listen on {address} for {what} ({exc}); is the port in use?") from exc
 
 
 def build_server(
@@ -179,4 +222,7 @@ def build_engine(settings: Settings) -> Engine:
         fft_threads=settings.fft_threads,
         decode_processes=settings.decode_process_count,
         decode_timeout=settings.decode_timeout,
+        # Decoder processes log like the server (format, level, warnings as records): they share
+        # its stderr, and raw warning lines would break a JSON log.
+        decoder_setup=functools.partial(configure_logging, settings.log_format, settings.log_level),
     )

@@ -114,12 +114,14 @@ def _unary(method: str) -> Callable:
 
 
 def _request_fields(request: Any, response: Any) -> dict[str, Any]:
+    # Bounded and escaped: these fields come from the caller (a rejected request may carry a
+    # megabyte id, line breaks, or patient identifiers in its metadata).
     fields: dict[str, Any] = {}
     rid = getattr(response, "request_id", "") or getattr(request, "request_id", "")
     if rid:
-        fields["request_id"] = rid
+        fields["request_id"] = convert.log_id(rid)
     if isinstance(request, pb.ScoreRequest) and request.metadata:
-        fields["metadata"] = dict(request.metadata)
+        fields["metadata"] = convert.log_metadata(request.metadata)
     if isinstance(response, pb.ScoreResponse):
         fields["cluster"] = response.cluster
         fields["failure_probability"] = round(response.failure_probability, 6)
