@@ -565,3 +565,85 @@ def test_metrics_bind_address_is_its_own_setting(engine: Engine) -> None:
         assert "cxr_monitor_model_loaded 1.0" in body
         with pytest.raises(OSError):
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+
+
+# --------------------------------------------------------------------------- the secure Kubernetes example
+
+SECURE_K8S = REPO / "deploy" / "kubernetes" / "cxr-monitor-secure.yaml"
+
+
+def _secure_docs() -> list[dict]:
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the deployment files")
+    return [d for d in yaml.safe_load_all(SECURE_K8S.read_text()) if d]
+
+
+def test_secure_k8s_example_runs_as_configured(engine: Engine, certs: Path, tmp_path: Path) -> None:
+    """The manifest's sidecar settings, with its secret mounts pointed at generated files, give a
+    server that demands mutual TLS and the tokens and answers plaintext probes on the health port."""
+    from monitor.cli import build_parser
+
+    docs = _secure_docs()
+    (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+    spec = deployment["spec"]["template"]["spec"]
+    (sidecar,) = [c for c in spec["initContainers"] if c["image"].startswith("cxr-spectral-monitor")]
+    mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
+    secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+    # Each mounted secret becomes a folder of files, as the kubelet writes them.
+    files = {
+        "cxr-monitor-tls": {"tls.crt": certs / "server.pem", "tls.key": certs / "server.key", "ca.crt": certs / "ca.pem"},
+        "cxr-monitor-tokens": {"scoring": SCORING_TOKEN, "outcome": OUTCOME_TOKEN},
+    }  # fmt: skip
+    env = {e["name"]: e["value"] for e in sidecar["env"]}
+    for volume, path in mounts.items():
+        if volume not in secrets:
+            continue
+        folder = tmp_path / volume
+        folder.mkdir()
+        for key, source in files[secrets[volume]].items():
+            (folder / key).write_bytes(source.read_bytes() if isinstance(source, Path) else source.encode())
+        env = {k: v.replace(path, str(folder)) for k, v in env.items()}
+    assert not [v for v in env.values() if v.startswith("/run/secrets")], env  # every file is mounted
+
+    args = build_parser().parse_args(sidecar["args"])
+    overrides = {f: getattr(args, f, None) for f in ("port", "metrics_port", "health_port")}
+    health_port = overrides["health_port"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["grpc"]["port"] == health_port
+    settings = Settings.load({**overrides, "host": "127.0.0.1", "port": 0, "metrics_port": -1,
+                              "health_port": 0, "decode_processes": 0, "workers": 1}, environ=env)  # fmt: skip
+    server, port = build_server(settings, engine, registry=CollectorRegistry())
+    server.start()
+    try:
+        address = f"127.0.0.1:{port}"
+        client_tls = {
+            "tls_ca": certs / "ca.pem",
+            "tls_cert": certs / "client.pem",
+            "tls_key": certs / "client.key",
+        }
+        with ReliabilityClient(address, timeout=10, token=SCORING_TOKEN, **client_tls) as client:
+            assert _score_code(client) == grpc.StatusCode.INVALID_ARGUMENT
+            assert _outcome_code(client) == grpc.StatusCode.UNAUTHENTICATED
+        with ReliabilityClient(address, timeout=10, token=OUTCOME_TOKEN, **client_tls) as client:
+            assert _outcome_code(client) == grpc.StatusCode.NOT_FOUND
+        with ReliabilityClient(address, timeout=5, token=SCORING_TOKEN, tls_ca=certs / "ca.pem") as client:
+            assert _score_code(client) == grpc.StatusCode.UNAVAILABLE  # no client certificate
+        with ReliabilityClient(f"127.0.0.1:{server.health_port}", timeout=5) as probe:
+            assert probe.health(SERVICE_NAME) == "SERVING"  # what the kubelet's probe sees
+    finally:
+        server.stop(0.5)
+
+    # The classifier container gets the scoring token only, never the outcome token.
+    (classifier,) = spec["containers"]
+    (token_volume,) = [m["name"] for m in classifier["volumeMounts"] if "token" in m["name"]]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == token_volume]
+    assert [i["key"] for i in volume["secret"]["items"]] == ["scoring"]
+
+
+def test_secure_k8s_network_policy_limits_each_port() -> None:
+    (policy,) = [d for d in _secure_docs() if d["kind"] == "NetworkPolicy"]
+    rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
+    assert rules[50051] == [{"podSelector": {"matchLabels": {"cxr-monitor/client": "true"}}}]
+    (metrics_from,) = rules[9108]
+    assert metrics_from["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    assert 50052 not in rules  # the plaintext health port: the node (kubelet) only
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
