@@ -24,6 +24,7 @@ lint: install
 
 test: install lint
 	bash scripts/ensure-prometheus.sh
+	bash scripts/ensure-openssl.sh
 	$(BIN)/python -m pytest -q
 
 proto: install

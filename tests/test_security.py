@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -66,7 +67,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA with a server and a client certificate, and a second CA with its own client."""
     if shutil.which("openssl") is None:
         msg = "the openssl command is needed to make test certificates (scripts/ensure-openssl.sh)"
-        if __import__("os").environ.get("CI") == "true":
+        if os.environ.get("CI") == "true":
             pytest.fail(msg)
         pytest.skip(msg)
     d = tmp_path_factory.mktemp("pki")
@@ -534,7 +535,7 @@ def _read_port(proc: subprocess.Popen, deadline: float) -> tuple[int, list[str]]
 def test_decoder_process_warnings_are_json_log_lines(data_dir: Path, tmp_path: Path) -> None:
     """Regression (defect 6): decoder processes wrote raw warnings into the JSON log."""
     path = _warning_dicom(data_dir, tmp_path / "long.dcm")
-    env = {**__import__("os").environ, "CXR_MONITOR_DECODE_PROCESSES": "1", "CXR_MONITOR_WORKERS": "1"}
+    env = {**os.environ, "CXR_MONITOR_DECODE_PROCESSES": "1", "CXR_MONITOR_WORKERS": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "-1", "--log-format", "json"],
