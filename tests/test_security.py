@@ -289,6 +289,18 @@ def test_cli_health_and_client_take_tls_and_token_flags(
     assert "token file" in capsys.readouterr().err
 
 
+def test_cli_health_without_address_uses_the_health_port(
+    tls_sidecar: _Sidecar, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """As a container HEALTHCHECK: `cxr-monitor health` finds the plaintext port from the environment."""
+    monkeypatch.setenv("CXR_MONITOR_HOST", "0.0.0.0")
+    monkeypatch.setenv("CXR_MONITOR_HEALTH_PORT", str(tls_sidecar.server.health_port))
+    assert main(["health"]) == 0 and capsys.readouterr().out.strip() == "SERVING"
+    monkeypatch.delenv("CXR_MONITOR_HEALTH_PORT")
+    monkeypatch.setenv("CXR_MONITOR_PORT", tls_sidecar.address.rsplit(":", 1)[1])
+    assert main(["health"]) == 1  # the TLS port, in plaintext
+
+
 def test_tokens_are_never_flags_nor_logged() -> None:
     from monitor.cli import build_parser
 
@@ -606,12 +618,12 @@ def test_secure_k8s_example_runs_as_configured(engine: Engine, certs: Path, tmp_
     assert not [v for v in env.values() if v.startswith("/run/secrets")], env  # every file is mounted
 
     args = build_parser().parse_args(sidecar["args"])
-    overrides = {f: getattr(args, f, None) for f in ("port", "metrics_port", "health_port")}
-    health_port = overrides["health_port"]
+    as_deployed = Settings.load({f: getattr(args, f, None) for f in ("port", "metrics_port")}, environ=env)
+    assert (as_deployed.port, as_deployed.metrics_port, as_deployed.health_port) == (50051, 9108, 50052)
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["grpc"]["port"] == health_port
-    settings = Settings.load({**overrides, "host": "127.0.0.1", "port": 0, "metrics_port": -1,
-                              "health_port": 0, "decode_processes": 0, "workers": 1}, environ=env)  # fmt: skip
+        assert sidecar[probe]["grpc"]["port"] == as_deployed.health_port
+    settings = Settings.load({"host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_port": 0,
+                              "decode_processes": 0, "workers": 1}, environ=env)  # fmt: skip
     server, port = build_server(settings, engine, registry=CollectorRegistry())
     server.start()
     try:
