@@ -296,10 +296,12 @@ class Settings:
             value = getattr(self, name)
             if value and getattr(self, name + "_file") is not None:
                 raise InvalidInputError(f"settings {name} and {name}_file are exclusive: give one")
-            if value and (len(value) < MIN_TOKEN_CHARS or value != value.strip()):
+            if value and (
+                len(value) < MIN_TOKEN_CHARS or not (value.isascii() and value.isprintable()) or " " in value
+            ):
                 raise InvalidInputError(
-                    f"setting {name} must be at least {MIN_TOKEN_CHARS} characters without surrounding "
-                    f"whitespace (got {len(value)} characters)"
+                    f"setting {name} must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
+                    f"spaces (got {len(value)} characters)"
                 )
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(

@@ -141,7 +141,10 @@ def test_security_settings_from_the_environment() -> None:
             {"CXR_MONITOR_TLS_CLIENT_CA": "ca.pem"},
             "setting tls_client_ca (mutual TLS) needs tls_cert and tls_key",
         ),
-        ({"CXR_MONITOR_AUTH_TOKEN": "short"}, "setting auth_token must be at least 16 characters"),
+        (
+            {"CXR_MONITOR_AUTH_TOKEN": "short"},
+            "setting auth_token must be at least 16 printable ASCII characters",
+        ),
         (
             {"CXR_MONITOR_OUTCOME_TOKEN": "o" * 16, "CXR_MONITOR_OUTCOME_TOKEN_FILE": "/t"},
             "settings outcome_token and outcome_token_file are exclusive",

@@ -21,12 +21,12 @@ from ..proto import monitor_pb2 as pb
 from ..types import ImageMeta, ScoredImage
 
 __all__ = [
+    "ImageInput",
     "MAX_ID_CHARS",
     "MAX_METADATA_ENTRIES",
     "MAX_METADATA_KEY_CHARS",
     "MAX_METADATA_VALUE_CHARS",
     "MAX_NAME_CHARS",
-    "ImageInput",
     "ModelDescription",
     "check_outcome_request",
     "check_score_request",

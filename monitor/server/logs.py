@@ -12,7 +12,7 @@ import warnings
 from datetime import UTC, datetime
 from typing import Any
 
-__all__ = ["TEXT_FORMAT", "JsonFormatter", "TextFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "TEXT_FORMAT", "TextFormatter", "configure_logging"]
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and is emitted as a field.
 _STANDARD = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {
