@@ -133,7 +133,9 @@ def register(sub: Any) -> None:
         kwargs: dict[str, Any] = {"type": _FLAG_TYPES[str(f.type)], "default": None, "dest": f.name}
         if f.name == "log_format":
             kwargs["choices"] = ("json", "text")
-        metavar = {"model": "MODEL_DIR", "host": "HOST", "decode_processes": "N|auto"}.get(f.name)
+        metavar = {"model": "MODEL_DIR", "host": "HOST", "metrics_host": "HOST", "decode_processes": "N|auto",
+                   "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM", "auth_token_file": "FILE",
+                   "outcome_token_file": "FILE"}.get(f.name)  # fmt: skip
         if metavar:
             kwargs["metavar"] = metavar
         help_text = f.metadata["help"].replace("``", "").replace("%", "%%")
