@@ -347,6 +347,39 @@ def test_health_answers_while_scoring_is_saturated(engine: Engine, data_dir: Pat
     assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"} and "OK" in codes
 
 
+def test_rpcs_beyond_the_limit_are_refused_but_health_is_not(engine: Engine) -> None:
+    """Open streams fill every RPC slot (max_concurrent_rpcs + 8 spare): other calls get
+    RESOURCE_EXHAUSTED at once, health checks are still answered, and the slots come back."""
+    import queue
+
+    with _Sidecar(engine, max_concurrent_rpcs=1) as s, ReliabilityClient(s.address, timeout=10) as client:
+        outboxes = [queue.Queue() for _ in range(9)]
+        streams = [client.score_stream(iter(q.get, None)) for q in outboxes]
+        for q, stream in zip(outboxes, streams, strict=True):  # each stream now holds a handler thread
+            q.put(bytes_request(TINY, request_id="idle"))
+            assert next(stream).error.code_name == "INVALID_ARGUMENT"
+        with pytest.raises(grpc.RpcError) as exc:
+            client.model_info()
+        assert exc.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "server overloaded: 9 calls in flight (limit 9:" in exc.value.details()
+        assert _score_code(client) == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert [client.health() for _ in range(5)] == ["SERVING"] * 5
+        for q in outboxes[:4]:
+            q.put(None)  # four streams end normally
+        for stream in streams[4:]:
+            stream.cancel()  # five are cancelled by the client
+        deadline = time.monotonic() + 20
+        while _code(client.model_info) != grpc.StatusCode.OK:  # slots are given back, none leaks
+            assert time.monotonic() < deadline, "RPC slots were not released"
+            time.sleep(0.05)
+        codes = [_score_code(client) for _ in range(9)]
+        assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 9
+        sample = s.registry.get_sample_value(
+            "cxr_monitor_requests_total", {"method": "GetModelInfo", "code": "RESOURCE_EXHAUSTED"}
+        )
+        assert sample >= 1
+
+
 # --------------------------------------------------------------------------- malformed messages
 
 

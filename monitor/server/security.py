@@ -11,16 +11,23 @@ each call before grpc reads its message and
 - parses requests itself, so that bytes that are not the expected message (or hold
   invalid UTF-8) end the call with INVALID_ARGUMENT and one log line, instead of grpc's
   INTERNAL with a traceback;
+- bounds the RPCs in flight (``rpc_limit``: running or waiting for a handler thread),
+  answering RESOURCE_EXHAUSTED beyond, like grpc's ``maximum_concurrent_rpcs`` but
+  without counting health checks, which that option refused on a busy server;
 - runs health ``Check`` on its own small thread pool, so probes are answered while
-  every scoring thread is busy.
+  every handler thread is busy.
+
+Calls the gate ends (no token, too many RPCs) are answered on a pool of their own and
+without reading the request, so a flood of them neither waits for nor delays real work.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +37,14 @@ from google.protobuf.message import DecodeError
 from ..errors import InvalidInputError, MonitorError
 from ..settings import MIN_TOKEN_CHARS, Settings
 
-__all__ = ["AUTH_METADATA_KEY", "CallGate", "SecurityConfigError", "read_token", "server_credentials"]
+__all__ = [
+    "AUTH_METADATA_KEY",
+    "CallGate",
+    "CountingExecutor",
+    "SecurityConfigError",
+    "read_token",
+    "server_credentials",
+]
 
 log = logging.getLogger("cxr_monitor.server")
 
@@ -127,6 +141,43 @@ def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
 
 
+class CountingExecutor(ThreadPoolExecutor):
+    """A thread pool that knows how many tasks it holds (queued or running).
+
+    Every submitted task is counted until it returns, including those whose RPC was
+    cancelled while queued (grpc still runs them, briefly), so the count cannot leak.
+    """
+
+    def __init__(self, max_workers: int, thread_name_prefix: str = "") -> None:
+        super().__init__(max_workers=max_workers, thread_name_prefix=thread_name_prefix)
+        self._count_lock = threading.Lock()
+        self._held = 0
+
+    @property
+    def held(self) -> int:
+        """Tasks submitted and not yet finished."""
+        return self._held
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        with self._count_lock:
+            self._held += 1
+        try:
+            return super().submit(self._counted, fn, *args, **kwargs)
+        except BaseException:
+            self._done()
+            raise
+
+    def _counted(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self._done()
+
+    def _done(self) -> None:
+        with self._count_lock:
+            self._held -= 1
+
+
 class CallGate(grpc.ServerInterceptor):
     """Token check, tolerant parsing and a separate pool for health checks (see the module docstring).
 
@@ -138,7 +189,11 @@ class CallGate(grpc.ServerInterceptor):
         None: that part of the service is open. ``ReportOutcome`` uses ``outcome_token``
         when set, else ``auth_token``.
     on_reject : callable, optional
-        ``on_reject(method, code_name)`` for each call the gate ends (metrics).
+        ``on_reject(method, code_name)`` for each call of ``service`` the gate ends (metrics).
+    handlers : CountingExecutor, optional
+        The server's handler pool; with ``rpc_limit``, calls other than health checks get
+        RESOURCE_EXHAUSTED while it holds ``rpc_limit`` tasks.
+    rpc_limit : int, optional
     """
 
     def __init__(
@@ -148,6 +203,8 @@ class CallGate(grpc.ServerInterceptor):
         auth_token: str | None = None,
         outcome_token: str | None = None,
         on_reject: Callable[[str, str], None] | None = None,
+        handlers: CountingExecutor | None = None,
+        rpc_limit: int | None = None,
     ) -> None:
         self._prefix = f"/{service}/"
         self._tokens = {
@@ -155,10 +212,14 @@ class CallGate(grpc.ServerInterceptor):
             "ReportOutcome": (outcome_token or auth_token or "").encode() or None,
         }
         self._on_reject = on_reject or (lambda method, code: None)
+        self._handlers = handlers
+        self._rpc_limit = rpc_limit
         self._health_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="health")
+        self._reject_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="reject")
 
     def close(self) -> None:
         self._health_pool.shutdown(wait=False, cancel_futures=True)
+        self._reject_pool.shutdown(wait=False, cancel_futures=True)
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
@@ -168,27 +229,41 @@ class CallGate(grpc.ServerInterceptor):
             return None
         method = details.method
         ours = method.startswith(self._prefix)
+        name = _short(method)
         if ours:
-            name = _short(method)
             expected = self._tokens.get(name, self._tokens[None])
             if expected is not None and not _token_matches(details.invocation_metadata, expected):
-                return self._deny(handler, name)
+                message = f"{name}: missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+                return self._deny(handler, name, ours, grpc.StatusCode.UNAUTHENTICATED, message)
         wrapped = self._parse_safely(handler, method, ours)
         if method == _HEALTH_CHECK:
             wrapped.unary_unary.experimental_thread_pool = self._health_pool
+        elif (
+            self._handlers is not None
+            and self._rpc_limit is not None
+            and self._handlers.held >= self._rpc_limit
+        ):
+            message = (
+                f"server overloaded: {self._handlers.held} calls in flight (limit {self._rpc_limit}: "
+                "max_concurrent_rpcs plus spare threads); retry with backoff"
+            )
+            return self._deny(handler, name, ours, grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         return wrapped
 
-    def _deny(self, handler: Any, name: str) -> Any:
-        message = f"{name}: missing or wrong bearer token (metadata 'authorization: Bearer <token>')"
+    def _deny(self, handler: Any, name: str, ours: bool, code: grpc.StatusCode, message: str) -> Any:
+        def deny(requests: Any, context: grpc.ServicerContext) -> Any:
+            if ours:
+                self._on_reject(name, code.name)
+            level = logging.INFO if code is grpc.StatusCode.UNAUTHENTICATED else logging.WARNING
+            log.log(level, "%s %s: %s", name, code.name, message, extra={"method": name, "code": code.name})
+            context.abort(code, message)
 
-        def deny(request: Any, context: grpc.ServicerContext) -> Any:
-            self._on_reject(name, grpc.StatusCode.UNAUTHENTICATED.name)
-            log.info("%s UNAUTHENTICATED", name, extra={"method": name, "code": "UNAUTHENTICATED"})
-            context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-        # The same shape as the real method, so grpc reads (and drops) the request first.
-        kind = _kind(handler)
-        return handler._replace(request_deserializer=None, **{kind: deny})
+        deny.experimental_thread_pool = self._reject_pool  # type: ignore[attr-defined]
+        # As a request-streaming method whatever the real one is, so that grpc does not read (a
+        # possibly large) request before the call is turned away.
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        return grpc.stream_unary_rpc_method_handler(deny)
 
     def _parse_safely(self, handler: Any, method: str, ours: bool) -> Any:
         kind = _kind(handler)

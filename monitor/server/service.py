@@ -25,18 +25,18 @@ from ..proto import monitor_pb2_grpc as pb_grpc
 from ..settings import Settings
 from .handler import RequestHandler
 from .logs import configure_logging
-from .security import CallGate, read_token, server_credentials
+from .security import CallGate, CountingExecutor, read_token, server_credentials
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
 
 __all__ = ["MonitorServer", "build_engine", "build_server"]
 
 log = logging.getLogger("cxr_monitor.server")
 
-# Handler threads beyond max_concurrent_rpcs, so that model info and outcomes are answered (and
-# overloaded scoring RPCs rejected promptly) when every admitted scoring call holds a thread.
-# There is deliberately no grpc-wide `maximum_concurrent_rpcs`: it counts every RPC, so a busy
-# server refused health checks ("Concurrent RPC limit exceeded") and Kubernetes restarted it;
-# scoring is limited by the handler's admission instead, and health Check has its own threads.
+# RPC slots and handler threads beyond max_concurrent_rpcs, so model info and outcomes are
+# answered (and overloaded scoring RPCs rejected promptly) when scoring is saturated. The slots
+# are counted by the CallGate, not by grpc's `maximum_concurrent_rpcs`: that option counts
+# health checks too, so a busy server refused them ("Concurrent RPC limit exceeded") and
+# Kubernetes restarted it. Health Check is never counted and has threads of its own.
 _SPARE = 8
 
 
@@ -65,14 +65,18 @@ class MonitorServer:
         self.handler = RequestHandler(settings, self.metrics)
         self.health = health.HealthServicer()
         credentials = server_credentials(settings)
+        limit = settings.max_concurrent_rpcs + _SPARE
+        handlers = CountingExecutor(max_workers=limit, thread_name_prefix="grpc")
         self.gate = CallGate(
             SERVICE_NAME,
             auth_token=read_token(settings.auth_token, settings.auth_token_file, "auth_token"),
             outcome_token=read_token(settings.outcome_token, settings.outcome_token_file, "outcome_token"),
             on_reject=lambda method, code: self.metrics.requests.labels(method=method, code=code).inc(),
+            handlers=handlers,
+            rpc_limit=limit,
         )
         self.grpc_server = grpc.server(
-            ThreadPoolExecutor(max_workers=settings.max_concurrent_rpcs + _SPARE, thread_name_prefix="grpc"),
+            handlers,
             interceptors=[self.gate],
             options=_OPTIONS
             + [
