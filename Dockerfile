@@ -16,12 +16,13 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 # The pinned set first: this layer is reused while only the sources change. The lock also pins
-# the test tools (the `test` extra: pytest, ruff, grpcio-tools with its setuptools, PyYAML, and pytest's iniconfig, pluggy,
-# Pygments); they are left out of the image (grpcio-tools would also want a newer setuptools
-# than the venv's). --no-deps: the lock is the complete set; `pip check` below fails the build
-# if it is not.
+# the test tools (the `test` extra: pytest, ruff, grpcio-tools with its setuptools, PyYAML,
+# jsonschema, and pytest's iniconfig, pluggy, Pygments, jsonschema's attrs,
+# jsonschema-specifications, referencing, rpds-py); they are left out of the image
+# (grpcio-tools would also want a newer setuptools than the venv's). --no-deps: the lock is the
+# complete set; `pip check` below fails the build if it is not.
 COPY requirements.lock ./
-RUN grep -v -i -E '^(pytest|ruff|grpcio-tools|setuptools|pyyaml|iniconfig|pluggy|pygments)==' requirements.lock > runtime.lock \
+RUN grep -v -i -E '^(pytest|ruff|grpcio-tools|setuptools|pyyaml|iniconfig|pluggy|pygments|jsonschema|jsonschema-specifications|referencing|rpds-py|attrs)==' requirements.lock > runtime.lock \
     && pip install --no-deps -r runtime.lock
 COPY pyproject.toml README.md ./
 COPY monitor/ monitor/
