@@ -19,8 +19,8 @@ serve: install
 	$(BIN)/cxr-monitor serve
 
 lint: install
-	$(BIN)/ruff check monitor tests benchmarks models
-	$(BIN)/ruff format --check monitor tests benchmarks models
+	$(BIN)/ruff check monitor tests benchmarks models scripts
+	$(BIN)/ruff format --check monitor tests benchmarks models scripts
 
 test: install lint
 	bash scripts/ensure-prometheus.sh

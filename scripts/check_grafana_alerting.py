@@ -205,14 +205,27 @@ RULE_MUTATIONS: list[tuple[str, Callable[[dict], None]]] = [
     ("empty title", lambda d: _rule(d).update(title=" ")),
     ("no data", lambda d: _rule(d).update(data=[])),
     ("condition names no refId", lambda d: _rule(d).update(condition="D")),
-    ("threshold type 'above'", lambda d: _node(d, "C")["model"]["conditions"][0]["evaluator"].update(type="above")),
-    ("threshold without params", lambda d: _node(d, "C")["model"]["conditions"][0]["evaluator"].update(params=[])),
-    ("two threshold conditions", lambda d: _node(d, "C")["model"]["conditions"].append(
-        copy.deepcopy(_node(d, "C")["model"]["conditions"][0]))),
+    (
+        "threshold type 'above'",
+        lambda d: _node(d, "C")["model"]["conditions"][0]["evaluator"].update(type="above"),
+    ),
+    (
+        "threshold without params",
+        lambda d: _node(d, "C")["model"]["conditions"][0]["evaluator"].update(params=[]),
+    ),
+    (
+        "two threshold conditions",
+        lambda d: _node(d, "C")["model"]["conditions"].append(
+            copy.deepcopy(_node(d, "C")["model"]["conditions"][0])
+        ),
+    ),
     ("math node without expression", lambda d: _node(d, "B")["model"].pop("expression")),
     ("math refers to unknown $Z", lambda d: _node(d, "B")["model"].update(expression="is_number($Z)")),
     ("unknown expression type", lambda d: _node(d, "B")["model"].update(type="maths")),
-    ("misspelled Prometheus model key", lambda d: _node(d, "A")["model"].update(exp=_node(d, "A")["model"].pop("expr"))),
+    (
+        "misspelled Prometheus model key",
+        lambda d: _node(d, "A")["model"].update(exp=_node(d, "A")["model"].pop("expr")),
+    ),
     ("model refId differs", lambda d: _node(d, "A")["model"].update(refId="Q")),
     ("query without time range", lambda d: _node(d, "A").pop("relativeTimeRange")),
     ("time range from <= to", lambda d: _node(d, "A").update(relativeTimeRange={"from": 0, "to": 600})),
@@ -235,10 +248,16 @@ NOTIFICATION_MUTATIONS: list[tuple[str, Callable[[dict], None]]] = [
     ("contact point without name", lambda d: d["contactPoints"][0].pop("name")),
     ("receiver without uid", lambda d: d["contactPoints"][0]["receivers"][0].pop("uid")),
     ("unknown receiver type", lambda d: d["contactPoints"][0]["receivers"][0].update(type="e-mail")),
-    ("e-mail receiver without addresses", lambda d: d["contactPoints"][0]["receivers"][0]["settings"].pop("addresses")),
+    (
+        "e-mail receiver without addresses",
+        lambda d: d["contactPoints"][0]["receivers"][0]["settings"].pop("addresses"),
+    ),
     ("misspelled policy key", lambda d: d["policies"][0].update(group_bye=d["policies"][0].pop("group_by"))),
     ("policy to an unknown contact point", lambda d: d["policies"][0].update(receiver="nobody")),
-    ("bad matcher operator", lambda d: d["policies"][0]["routes"][0]["object_matchers"][0].__setitem__(1, "==")),
+    (
+        "bad matcher operator",
+        lambda d: d["policies"][0]["routes"][0]["object_matchers"][0].__setitem__(1, "=="),
+    ),
     ("bad repeat_interval", lambda d: d["policies"][0].update(repeat_interval="4 hours")),
 ]
 
@@ -262,7 +281,10 @@ def self_test(files: list[Path]) -> list[str]:
                 broken.write_text(yaml.safe_dump(doc, sort_keys=False))
                 errors = check_file(broken)
                 status = "rejected" if errors else "ACCEPTED"
-                print(f"  {status}: {path.name}: {what}" + (f"  <- {errors[0].split(': ', 1)[1]}" if errors else ""))
+                print(
+                    f"  {status}: {path.name}: {what}"
+                    + (f"  <- {errors[0].split(': ', 1)[1]}" if errors else "")
+                )
                 if not errors:
                     failures.append(f"{path}: broken copy accepted: {what}")
     return failures
@@ -286,7 +308,9 @@ def main(argv: list[str] | None = None) -> int:
         problems = self_test(files)
         for p in problems:
             print(p)
-    print(f"{len(files)} file(s): " + ("OK" if not problems else f"{len(problems)} problem(s)"), file=sys.stderr)
+    print(
+        f"{len(files)} file(s): " + ("OK" if not problems else f"{len(problems)} problem(s)"), file=sys.stderr
+    )
     return 1 if problems else 0
 
 

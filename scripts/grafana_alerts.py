@@ -81,66 +81,132 @@ class GrafanaTwin:
 
 GRAFANA: tuple[GrafanaTwin, ...] = (
     GrafanaTwin(
-        "CXRMonitorDrift", (("scope", "replica"),), "cxr-monitor-drift-replica", "replica", 30,
-        "the 'Drift detected' row of {{ $labels.instance }} and its window PSI, novelty and max feature "
-        "shift panels; run `cxr-monitor drift` on a sample of that replica's recent images for the most "
-        "shifted spectral features; then which source feeds that replica (site, scanner, export "
-        "settings, or the sending DICOM AE).",
+        alert="CXRMonitorDrift",
+        match=(("scope", "replica"),),
+        uid="cxr-monitor-drift-replica",
+        suffix="replica",
+        panel_id=30,
+        check_first=(
+            "the 'Drift detected' row of {{ $labels.instance }} and its window PSI, novelty and max feature "
+            "shift panels; run `cxr-monitor drift` on a sample of that replica's recent images for the most "
+            "shifted spectral features; then which source feeds that replica (site, scanner, export "
+            "settings, or the sending DICOM AE)."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorDrift", (("scope", "fleet"),), "cxr-monitor-drift-fleet", "fleet", 26,
-        "'Cluster mix now vs reference' and 'Cluster mix: now / reference' for the clusters that grew; "
-        "the model report (`cxr-monitor report`) describes those clusters' spectra and metadata; "
-        "'Replicas in drift' and 'Images scored / s by replica' show whether one replica (one source) "
-        "or all of them moved.",
+        alert="CXRMonitorDrift",
+        match=(("scope", "fleet"),),
+        uid="cxr-monitor-drift-fleet",
+        suffix="fleet",
+        panel_id=26,
+        check_first=(
+            "'Cluster mix now vs reference' and 'Cluster mix: now / reference' for the clusters that grew; "
+            "the model report (`cxr-monitor report`) describes those clusters' spectra and metadata; "
+            "'Replicas in drift' and 'Images scored / s by replica' show whether one replica (one source) "
+            "or all of them moved."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorNoveltySurge", (), "cxr-monitor-novelty-surge", "", 27,
-        "'Window novelty ratio' per replica to find the source; score responses of the novel images "
-        "carry is_novel and their most deviating features (`cxr-monitor client score`); look for "
-        "non-radiographs, lateral views, inverted polarity or a new modality from one sender.",
+        alert="CXRMonitorNoveltySurge",
+        match=(),
+        uid="cxr-monitor-novelty-surge",
+        suffix="",
+        panel_id=27,
+        check_first=(
+            "'Window novelty ratio' per replica to find the source; score responses of the novel images "
+            "carry is_novel and their most deviating features (`cxr-monitor client score`); look for "
+            "non-radiographs, lateral views, inverted polarity or a new modality from one sender."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorReliabilityDrop", (), "cxr-monitor-reliability-drop", "", 21,
-        "'Cluster mix now vs reference' for the clusters that grew, and their failure rates in the model "
-        "report (`cxr-monitor report` / `cxr-monitor info`); compare with the realized failure rate where "
-        "outcomes are reported; 'Images scored / s by replica' for the source that sends them.",
+        alert="CXRMonitorReliabilityDrop",
+        match=(),
+        uid="cxr-monitor-reliability-drop",
+        suffix="",
+        panel_id=21,
+        check_first=(
+            "'Cluster mix now vs reference' for the clusters that grew, and their failure rates in the model "
+            "report (`cxr-monitor report` / `cxr-monitor info`); compare with the realized failure rate where "
+            "outcomes are reported; 'Images scored / s by replica' for the source that sends them."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorBlindSpotTraffic", (), "cxr-monitor-blind-spot-traffic", "", 27,
-        "which blind-spot clusters grew ('Cluster mix now vs reference'; the model report lists the "
-        "blind spots and their spectra), and which replica and source send those images; review their "
-        "predictions manually until the classifier is retrained.",
+        alert="CXRMonitorBlindSpotTraffic",
+        match=(),
+        uid="cxr-monitor-blind-spot-traffic",
+        suffix="",
+        panel_id=27,
+        check_first=(
+            "which blind-spot clusters grew ('Cluster mix now vs reference'; the model report lists the "
+            "blind spots and their spectra), and which replica and source send those images; review their "
+            "predictions manually until the classifier is retrained."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorHighErrorRate", (("severity", "critical"),), "cxr-monitor-server-errors", "server errors", 11,
-        "'Error ratio by code' for the code, then the sidecar log: INTERNAL errors carry an error_ref to "
-        "its log line; RESOURCE_EXHAUSTED means overload or images above the size limits; "
-        "'Requests / s by method and code' for the replica.",
+        alert="CXRMonitorHighErrorRate",
+        match=(("severity", "critical"),),
+        uid="cxr-monitor-server-errors",
+        suffix="server errors",
+        panel_id=11,
+        check_first=(
+            "'Error ratio by code' for the code, then the sidecar log: INTERNAL errors carry an error_ref to "
+            "its log line; RESOURCE_EXHAUSTED means overload or images above the size limits; "
+            "'Requests / s by method and code' for the replica."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorHighErrorRate", (("severity", "warning"),), "cxr-monitor-request-errors", "all errors", 11,
-        "'Error ratio by code': INVALID_ARGUMENT and FAILED_PRECONDITION are the callers' images (the "
-        "sidecar logs each with its reason); find the sender whose format changed.",
+        alert="CXRMonitorHighErrorRate",
+        match=(("severity", "warning"),),
+        uid="cxr-monitor-request-errors",
+        suffix="all errors",
+        panel_id=11,
+        check_first=(
+            "'Error ratio by code': INVALID_ARGUMENT and FAILED_PRECONDITION are the callers' images (the "
+            "sidecar logs each with its reason); find the sender whose format changed."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorHighLatency", (), "cxr-monitor-high-latency", "", 12,
-        "'Time per stage' (decode, profile or score bound) and 'In-flight requests' per replica; for "
-        "decode-bound JPEG 2000 DICOMs check decode_process_count in the sidecar's starting log line.",
+        alert="CXRMonitorHighLatency",
+        match=(),
+        uid="cxr-monitor-high-latency",
+        suffix="",
+        panel_id=12,
+        check_first=(
+            "'Time per stage' (decode, profile or score bound) and 'In-flight requests' per replica; for "
+            "decode-bound JPEG 2000 DICOMs check decode_process_count in the sidecar's starting log line."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorDown", (("cause", "unreachable"),), "cxr-monitor-down-unreachable", "unreachable", 2,
-        "the container or pod of {{ $labels.instance }} (crash loop, OOM kill, port); its last log lines.",
+        alert="CXRMonitorDown",
+        match=(("cause", "unreachable"),),
+        uid="cxr-monitor-down-unreachable",
+        suffix="unreachable",
+        panel_id=2,
+        check_first=(
+            "the container or pod of {{ $labels.instance }} (crash loop, OOM kill, port); its last log lines."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorDown", (("cause", "no_model"),), "cxr-monitor-down-no-model", "no model", 3,
-        "the sidecar log of {{ $labels.instance }}: it says why the model did not load (invalid model "
-        "directory exits with status 3) or that it is shutting down.",
+        alert="CXRMonitorDown",
+        match=(("cause", "no_model"),),
+        uid="cxr-monitor-down-no-model",
+        suffix="no model",
+        panel_id=3,
+        check_first=(
+            "the sidecar log of {{ $labels.instance }}: it says why the model did not load (invalid model "
+            "directory exits with status 3) or that it is shutting down."
+        ),
     ),
     GrafanaTwin(
-        "CXRMonitorDown", (("cause", "no_target"),), "cxr-monitor-down-no-target", "no target", 2,
-        "Prometheus' targets page: the scrape job must be named cxr-monitor and, on Kubernetes, the pods "
-        "need the scrape annotations and the cxr-monitor/sidecar label.",
+        alert="CXRMonitorDown",
+        match=(("cause", "no_target"),),
+        uid="cxr-monitor-down-no-target",
+        suffix="no target",
+        panel_id=2,
+        check_first=(
+            "Prometheus' targets page: the scrape job must be named cxr-monitor and, on Kubernetes, the pods "
+            "need the scrape annotations and the cxr-monitor/sidecar label."
+        ),
     ),
 )
 
@@ -255,7 +321,9 @@ def build(alerts: Path = ALERTS, datasource_uid: str = DATASOURCE_UID) -> dict:
     twins = [twin_of(r) for r in rules]
     unused = set(GRAFANA) - set(twins)
     if unused:
-        raise ValueError(f"GRAFANA entries with no Prometheus rule in {alerts}: {sorted(t.uid for t in unused)}")
+        raise ValueError(
+            f"GRAFANA entries with no Prometheus rule in {alerts}: {sorted(t.uid for t in unused)}"
+        )
     if len({t.uid for t in twins}) != len(twins) or len({t.title for t in twins}) != len(twins):
         raise ValueError("two Prometheus rules map to the same Grafana uid or title")
     group = {"orgId": 1, "name": GROUP, "folder": FOLDER, "interval": INTERVAL,
@@ -295,7 +363,9 @@ def render(alerts: Path = ALERTS, datasource_uid: str = DATASOURCE_UID) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    parser.add_argument("--alerts", type=Path, default=ALERTS, help="Prometheus rule file (default: %(default)s)")
+    parser.add_argument(
+        "--alerts", type=Path, default=ALERTS, help="Prometheus rule file (default: %(default)s)"
+    )
     parser.add_argument("--out", type=Path, default=OUT, help="file to write (default: %(default)s)")
     parser.add_argument("--datasource-uid", default=DATASOURCE_UID,
                         help="uid of the Prometheus data source in Grafana (default: %(default)s)")  # fmt: skip
@@ -309,7 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         current = args.out.read_text() if args.out.exists() else ""
         if current != text:
-            diff = difflib.unified_diff(current.splitlines(True), text.splitlines(True), str(args.out), "generated")
+            diff = difflib.unified_diff(
+                current.splitlines(True), text.splitlines(True), str(args.out), "generated"
+            )
             sys.stdout.writelines(diff)
             print(f"{args.out} is out of date: run python scripts/grafana_alerts.py", file=sys.stderr)
             return 1

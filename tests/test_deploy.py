@@ -33,6 +33,9 @@ PROM_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 DS_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "datasources" / "prometheus.yaml"
 DASH_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "dashboards" / "cxr-monitor.yaml"
+ALERTING_PROVISIONING = DEPLOY / "grafana" / "provisioning" / "alerting"
+GRAFANA_RULES = ALERTING_PROVISIONING / "cxr-monitor-rules.yaml"
+SCRIPTS = REPO / "scripts"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 SERVICE_NAME = "cxrmonitor.v1.ReliabilityMonitor"
@@ -158,7 +161,8 @@ def test_dashboard_identity(dashboard: dict) -> None:
 
 
 def test_dashboard_panels_have_datasource_and_targets(dashboard: dict) -> None:
-    panels = [p for p in _panels(dashboard) if p["type"] != "row"]
+    # Rows and the alert list (it lists Grafana's alert rules, no data source query) have no targets.
+    panels = [p for p in _panels(dashboard) if p["type"] not in ("row", "alertlist")]
     assert len(panels) >= 20
     for p in panels:
         where = f"panel {p.get('id')} {p.get('title')!r}"
@@ -241,6 +245,212 @@ def test_grafana_provisioning() -> None:
     assert provider["type"] == "file" and provider["options"]["path"].startswith("/")
 
 
+# --------------------------------------------------------------------------- Grafana alerting
+
+
+def _script(name: str) -> Any:
+    """Import scripts/<name>.py (the scripts are not a package)."""
+    import importlib.util
+    import sys
+
+    _yaml_module()  # both scripts read YAML: skip (or fail under CI) without PyYAML
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def _jsonschema() -> None:
+    try:
+        import jsonschema  # noqa: F401
+    except ModuleNotFoundError:
+        msg = (
+            "jsonschema is not installed (pip install jsonschema): it checks the alerting provisioning files"
+        )
+        if os.environ.get("CI") == "true":
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+@pytest.fixture(scope="module")
+def grafana_rules() -> list[dict]:
+    return [r for g in _yaml(GRAFANA_RULES)["groups"] for r in g["rules"]]
+
+
+def _prometheus_alerts() -> list[dict]:
+    return [r for g in _yaml(ALERTS)["groups"] for r in g["rules"] if "alert" in r]
+
+
+def _nodes(rule: dict) -> dict[str, dict]:
+    return {q["refId"]: q for q in rule["data"]}
+
+
+def test_grafana_rules_file_is_generated_from_alerts_yml() -> None:
+    """One source of truth: the committed Grafana rules are what scripts/grafana_alerts.py writes."""
+    generator = _script("grafana_alerts")
+    assert GRAFANA_RULES.read_text() == generator.render(), (
+        "deploy/grafana/provisioning/alerting/cxr-monitor-rules.yaml is out of date: "
+        "run python scripts/grafana_alerts.py"
+    )
+    assert generator.main(["--check"]) == 0
+
+
+def test_every_prometheus_alert_has_an_equivalent_grafana_twin(grafana_rules: list[dict]) -> None:
+    """Same expression, `for`, labels and summary for each alert, read from the two files themselves."""
+    prom = _prometheus_alerts()
+    assert len(grafana_rules) == len(prom)
+    unmatched = list(grafana_rules)
+    for rule in prom:
+        expr = rule["expr"].strip()
+        twins = [g for g in unmatched if _nodes(g)["A"]["model"]["expr"] == expr]
+        assert len(twins) == 1, (
+            f"{rule['alert']} {rule['labels']}: {len(twins)} Grafana rules with its expression"
+        )
+        (twin,) = twins
+        unmatched.remove(twin)
+        assert twin["title"].split(" (")[0] == rule["alert"]
+        assert twin["for"] == rule["for"] and twin["labels"] == rule["labels"], twin["title"]
+        assert set(rule["annotations"]) <= set(twin["annotations"]), twin["title"]
+        # The condition fires for every series the PromQL query returns, like Prometheus:
+        # C = B > 0 with B = is_number($A) || is_nan($A) || is_inf($A) (1 for any sample).
+        nodes = _nodes(twin)
+        a, b, c = nodes["A"], nodes["B"]["model"], nodes["C"]["model"]
+        assert twin["condition"] == "C"
+        assert a["model"]["instant"] is True and a["model"]["range"] is False
+        assert b["type"] == "math" and b["expression"] == "is_number($A) || is_nan($A) || is_inf($A)"
+        assert c["type"] == "threshold" and c["expression"] == "B"
+        assert c["conditions"] == [{"type": "query", "evaluator": {"type": "gt", "params": [0]}}]
+        assert twin["noDataState"] == "OK" and twin["execErrState"] == "Error"
+        assert twin["isPaused"] is False
+    assert unmatched == []
+
+
+def test_grafana_rule_templates_are_grafana_templates(grafana_rules: list[dict]) -> None:
+    """No Prometheus-only template left: $value and the query function do not exist in Grafana."""
+    for rule in grafana_rules:
+        refs = set(_nodes(rule))
+        for key, text in rule["annotations"].items():
+            assert not re.search(r"\$value\b", text), f"{rule['title']} {key}: Prometheus $value"
+            assert "with query" not in text, (
+                f"{rule['title']} {key}: Grafana templates have no query function"
+            )
+            for ref in re.findall(r"\$values\.(\w+)\.", text):
+                assert ref in refs, f"{rule['title']} {key}: $values.{ref} is not a query of the rule"
+        assert "Check first:" in rule["annotations"]["description"], rule["title"]
+
+
+def test_grafana_rule_queries_use_only_existing_metrics(
+    grafana_rules: list[dict], exposed_names: set[str], recording_rules: set[str]
+) -> None:
+    known = exposed_names | recording_rules | PROMETHEUS_SERIES
+    for rule in grafana_rules:
+        for ref, node in _nodes(rule).items():
+            if node["datasourceUid"] == "__expr__":
+                continue
+            names = promql_metric_names(node["model"]["expr"])
+            assert names and names <= known, f"{rule['title']} {ref}: unknown metrics {sorted(names - known)}"
+
+
+def test_grafana_rules_point_at_their_panels_and_panels_link_back(
+    grafana_rules: list[dict], dashboard: dict
+) -> None:
+    panels = {p["id"]: p for p in _panels(dashboard)}
+    rule_links = {}
+    for p in panels.values():
+        for link in p.get("links", []):
+            m = re.fullmatch(r"/alerting/grafana/([\w-]+)/view", link["url"])
+            if m:
+                rule_links.setdefault(m.group(1), []).append(p["id"])
+    uids = {r["uid"] for r in grafana_rules}
+    assert set(rule_links) <= uids, (
+        f"dashboard links to rules that do not exist: {sorted(set(rule_links) - uids)}"
+    )
+    for rule in grafana_rules:
+        panel_id = rule["panelId"]
+        assert rule["dashboardUid"] == dashboard["uid"], rule["title"]
+        assert rule["annotations"]["__dashboardUid__"] == dashboard["uid"], rule["title"]
+        assert rule["annotations"]["__panelId__"] == str(panel_id), rule["title"]
+        assert panel_id in panels and panels[panel_id]["type"] not in ("row", "alertlist"), rule["title"]
+        assert rule_links.get(rule["uid"]) == [panel_id], (
+            f"panel {panel_id} has no link to rule {rule['uid']}"
+        )
+
+
+def test_dashboard_lists_its_alert_rules(dashboard: dict) -> None:
+    (panel,) = [p for p in _panels(dashboard) if p["type"] == "alertlist"]
+    options = panel["options"]
+    assert options["dashboardAlerts"] is True  # the rules linked to this dashboard's panels
+    assert options["stateFilter"]["firing"] and options["stateFilter"]["pending"]
+
+
+def test_grafana_alerting_files_match_grafanas_schema() -> None:
+    _jsonschema()
+    checker = _script("check_grafana_alerting")
+    files = sorted(ALERTING_PROVISIONING.glob("*.yaml"))
+    assert {f.name for f in files} == {"cxr-monitor-rules.yaml", "notifications.yaml"}
+    for f in files:
+        assert checker.check_file(f) == [], f
+    assert checker.main([]) == 0
+
+
+def test_grafana_alerting_checker_rejects_broken_copies(capsys: pytest.CaptureFixture) -> None:
+    """Every deliberately broken copy of each file fails the check (and the unmodified files pass)."""
+    _jsonschema()
+    checker = _script("check_grafana_alerting")
+    files = sorted(ALERTING_PROVISIONING.glob("*.yaml"))
+    assert checker.self_test(files) == []
+    out = capsys.readouterr().out
+    n = len(checker.RULE_MUTATIONS) + len(checker.NOTIFICATION_MUTATIONS)
+    assert n >= 35 and out.count("rejected: ") == n and "ACCEPTED" not in out
+
+
+def test_grafana_alerting_checker_reports_file_and_path(tmp_path: Path) -> None:
+    _jsonschema()
+    checker = _script("check_grafana_alerting")
+    yaml = _yaml_module()
+    doc = _yaml(GRAFANA_RULES)
+    doc["groups"][0]["rules"][2]["for"] = "15 min"
+    broken = tmp_path / "rules.yaml"
+    broken.write_text(yaml.safe_dump(doc))
+    (error,) = checker.check_file(broken)
+    assert error.startswith(f"{broken}: groups/0/rules/2/for: '15 min' does not match")
+    assert checker.main([str(broken)]) == 1
+
+
+def test_grafana_generator_refuses_an_alert_without_twin(tmp_path: Path) -> None:
+    generator = _script("grafana_alerts")
+    yaml = _yaml_module()
+    rules = _yaml(ALERTS)
+    new = {
+        "alert": "CXRMonitorSomethingNew",
+        "expr": "vector(1)",
+        "for": "1m",
+        "labels": {"severity": "warning"},
+    }
+    rules["groups"][-1]["rules"].append(new)
+    alerts = tmp_path / "alerts.yml"
+    alerts.write_text(yaml.safe_dump(rules, sort_keys=False))
+    with pytest.raises(ValueError, match="CXRMonitorSomethingNew.*0 entries of GRAFANA"):
+        generator.build(alerts)
+    assert generator.main(["--alerts", str(alerts), "--out", str(tmp_path / "out.yaml")]) == 2
+
+
+def test_grafana_generator_translates_prometheus_templates() -> None:
+    generator = _script("grafana_alerts")
+    refs: dict[str, str] = {}
+    text = (
+        'drop {{ $value | printf "%.2f" }} over {{ with query "cxr_monitor:reference_failure_ratio:avg" }}'
+        '{{ . | first | value | printf "%.2f" }}{{ end }} on {{ $labels.instance }}'
+    )
+    assert generator.translate_template(text, refs) == (
+        'drop {{ $values.A.Value | printf "%.2f" }} over {{ $values.REF1.Value | printf "%.2f" }} '
+        "on {{ $labels.instance }}"
+    )
+    assert refs == {"REF1": "cxr_monitor:reference_failure_ratio:avg"}
+
+
 # --------------------------------------------------------------------------- Prometheus config
 
 
@@ -309,6 +519,7 @@ def test_compose_services_ports_and_mounts() -> None:
     assert (
         COMPOSE.parent / mounts["/etc/grafana/provisioning/dashboards"]
     ).resolve() == DASH_PROVISIONING.parent
+    assert (COMPOSE.parent / mounts["/etc/grafana/provisioning/alerting"]).resolve() == ALERTING_PROVISIONING
     provider_path = _yaml(DASH_PROVISIONING)["providers"][0]["options"]["path"]
     assert (COMPOSE.parent / mounts[provider_path]).resolve() == DASHBOARD.parent
     home = grafana["environment"]["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
