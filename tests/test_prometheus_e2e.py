@@ -16,6 +16,15 @@ thresholds are unchanged.
    scanners and 224x224 JPEG), so that they are two thirds of the fleet's 15 minutes.
    CXRMonitorDrift must fire, from the replica's window and fleet-wide.
 
+The Grafana-managed twins of the alerts (deploy/grafana/provisioning/alerting/
+cxr-monitor-rules.yaml) are evaluated against the same Prometheus at both steps: each rule's
+queries are run as Grafana runs them (instant queries at the evaluation time), its server-side
+expressions are applied with Grafana's semantics (``grafana_condition``), and the series for
+which its condition holds must be exactly those of the Prometheus twin's pending or firing
+alerts at the same evaluation timestamp: quiet on NIH, firing for drift on Kermany. (No Grafana
+runs here: the expression semantics are the test's, documented in ``grafana_condition``; the
+``for`` durations are equal by construction, checked in tests/test_deploy.py.)
+
 Also checked on the live server: the fleet PSI computed in PromQL equals
 monitor.drift.psi of the scraped counters, and every dashboard query is valid PromQL.
 Skips without prometheus (fails under CI=true).
@@ -25,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import shutil
@@ -47,6 +57,7 @@ from monitor.drift import psi
 
 REPO = Path(__file__).resolve().parents[1]
 ALERTS = REPO / "deploy" / "prometheus" / "alerts.yml"
+GRAFANA_RULES = REPO / "deploy" / "grafana" / "provisioning" / "alerting" / "cxr-monitor-rules.yaml"
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "cxr-monitor.json"
 NIH_EVERY = 4  # every 4th NIH image (156 of 621)
 KERMANY_LIMIT = 300
@@ -106,6 +117,13 @@ class Prom:
             return resp.status == 200
 
 
+def _lower_guards(expr: str, n_images: int) -> str:
+    """``expr`` with its image-count guards (``...:increase15m >= 200``) no larger than ``n_images``."""
+    return re.sub(
+        r"(:increase(?:15m|1h) >= )(\d+)", lambda m: m.group(1) + str(min(int(m.group(2)), n_images)), expr
+    )  # fmt: skip
+
+
 def _test_rules(n_images: int) -> dict:
     """alerts.yml with 1 s ``for:`` and image-count guards no larger than ``n_images``."""
     import yaml
@@ -116,11 +134,120 @@ def _test_rules(n_images: int) -> dict:
         for rule in group["rules"]:
             if "for" in rule:
                 rule["for"] = "1s"
-            rule["expr"] = re.sub(
-                r"(:increase(?:15m|1h) >= )(\d+)", lambda m: m.group(1) + str(min(int(m.group(2)), n_images)),
-                rule["expr"],
-            )  # fmt: skip
+            rule["expr"] = _lower_guards(rule["expr"], n_images)
     return rules
+
+
+# --------------------------------------------------------------------------- Grafana rules
+
+Labels = frozenset[tuple[str, str]]
+_MATH_ANY_SAMPLE = re.compile(r"is_number\(\$(\w+)\) \|\| is_nan\(\$\1\) \|\| is_inf\(\$\1\)")
+
+
+def _grafana_rules(n_images: int) -> list[dict]:
+    """The Grafana rules with the same image-count guards as ``_test_rules`` (thresholds unchanged)."""
+    import yaml
+
+    rules = [r for g in yaml.safe_load(GRAFANA_RULES.read_text())["groups"] for r in g["rules"]]
+    for rule in rules:
+        for node in rule["data"]:
+            if node["datasourceUid"] != "__expr__":
+                node["model"]["expr"] = _lower_guards(node["model"]["expr"], n_images)
+    return rules
+
+
+def _series_labels(metric: dict) -> Labels:
+    # Grafana's Prometheus data source turns __name__ into the frame name, not a label.
+    return frozenset((k, v) for k, v in metric.items() if k != "__name__")
+
+
+def grafana_condition(api: Prom, rule: dict, at: str) -> set[Labels]:
+    """Label sets of the alert instances whose condition holds when Grafana evaluates ``rule`` at ``at``.
+
+    Grafana's semantics, for the node types the rules use (anything else fails the test):
+
+    - a Prometheus query node with ``instant: true`` is an instant query at the evaluation
+      time; each series of the vector becomes a number labelled with the series' labels;
+    - ``math`` ``is_number($A) || is_nan($A) || is_inf($A)`` is applied per series of A:
+      is_number is 1 for a finite value, is_nan for NaN, is_inf for ±Inf, ``||`` is 1 when
+      either side is non-zero, so every series of A gives 1 (pkg/expr/mathexp);
+    - ``threshold`` ``gt`` p keeps the series whose value is > p as firing (1), the others
+      normal (0) (pkg/expr/threshold.go);
+    - a condition with no series at all is NoData; the rules set ``noDataState: OK``, so
+      it fires nothing. Query nodes outside the condition (``REF*``, read by the templates)
+      are run too: an error there fails the evaluation (``execErrState: Error``).
+    """
+    values: dict[str, dict[Labels, float]] = {}
+    nodes = {n["refId"]: n for n in rule["data"]}
+    for ref, node in nodes.items():
+        model = node["model"]
+        if node["datasourceUid"] == "__expr__":
+            continue
+        assert model["instant"] is True and model["range"] is False, (rule["title"], ref)
+        body = api.get("/api/v1/query", query=model["expr"], time=at)
+        assert body["status"] == "success" and body["data"]["resultType"] == "vector", (
+            rule["title"],
+            ref,
+            body,
+        )
+        values[ref] = {_series_labels(r["metric"]): float(r["value"][1]) for r in body["data"]["result"]}
+    pending = [ref for ref, n in nodes.items() if n["datasourceUid"] == "__expr__"]
+    while pending:  # expressions in dependency order
+        ref = next(r for r in pending if all(d in values for d in _depends(nodes[r]["model"])))
+        pending.remove(ref)
+        model = nodes[ref]["model"]
+        if model["type"] == "math":
+            m = _MATH_ANY_SAMPLE.fullmatch(model["expression"])
+            assert m, f"{rule['title']} {ref}: math expression not modelled here: {model['expression']}"
+            values[ref] = {k: float(math.isfinite(v) or math.isnan(v) or math.isinf(v))
+                           for k, v in values[m.group(1)].items()}  # fmt: skip
+        elif model["type"] == "threshold":
+            (cond,) = model["conditions"]
+            assert cond["evaluator"]["type"] == "gt", f"{rule['title']} {ref}: {cond}"
+            (limit,) = cond["evaluator"]["params"]
+            values[ref] = {k: float(v > limit) for k, v in values[model["expression"]].items()}
+        else:
+            pytest.fail(f"{rule['title']} {ref}: expression type {model['type']!r} not modelled here")
+    return {labels for labels, v in values[rule["condition"]].items() if v != 0}
+
+
+def _depends(model: dict) -> set[str]:
+    if model["type"] == "math":
+        return set(re.findall(r"\$\{?(\w+)\}?", model["expression"]))
+    return {model["expression"]}
+
+
+def _prometheus_twin(api: Prom, rule: dict) -> tuple[str, set[Labels]]:
+    """(evaluation timestamp, label sets of pending or firing alerts) of a Grafana rule's Prometheus twin."""
+    name = rule["title"].split(" (")[0]
+    groups = api.get("/api/v1/rules", type="alert")["data"]["groups"]
+    (twin,) = [
+        r for g in groups for r in g["rules"] if r["name"] == name and r.get("labels", {}) == rule["labels"]
+    ]
+    own = set(rule["labels"]) | {"alertname"}
+    active = {frozenset((k, v) for k, v in a["labels"].items() if k not in own) for a in twin["alerts"]
+              if a["state"] in ("pending", "firing")}  # fmt: skip
+    return twin["lastEvaluation"], active
+
+
+def _compare_with_twins(api: Prom, rules: list[dict], attempts: int = 5) -> dict[str, set[Labels]]:
+    """Grafana condition of every rule at its Prometheus twin's last evaluation time; they must agree.
+
+    The alert and recording rule groups run independently: a recording sample or scrape stamped
+    before the evaluation time may land just after the alert rule read the data, so a mismatch
+    is re-checked at the next evaluation a few times before it fails the test.
+    """
+    result = {}
+    for rule in rules:
+        for _ in range(attempts):
+            at, prometheus = _prometheus_twin(api, rule)
+            grafana = grafana_condition(api, rule, at)
+            if grafana == prometheus:
+                break
+            time.sleep(1.1)
+        assert grafana == prometheus, f"{rule['title']} at {at}: Grafana {grafana} != Prometheus {prometheus}"
+        result[rule["title"]] = grafana
+    return result
 
 
 def _replay(grpc_port: int, folder: Path, limit: int | None = None) -> dict:
@@ -206,7 +333,8 @@ def stack(tmp_path: Path, data_dir: Path) -> Iterator[dict]:
 
     grpc_port, metrics_port, web_port = _free_port(), _free_port(), _free_port()
     rules = tmp_path / "alerts.yml"
-    rules.write_text(yaml.safe_dump(_test_rules(min(n_nih, KERMANY_LIMIT) // 2), sort_keys=False))
+    guard = min(n_nih, KERMANY_LIMIT) // 2
+    rules.write_text(yaml.safe_dump(_test_rules(guard), sort_keys=False))
     config = tmp_path / "prometheus.yml"
     config.write_text(
         yaml.safe_dump(
@@ -243,7 +371,7 @@ def stack(tmp_path: Path, data_dir: Path) -> Iterator[dict]:
         _wait("the sidecar to be scraped with its model loaded",
               lambda: api.value('cxr_monitor_model_loaded{job="cxr-monitor"}') == 1, timeout=90)  # fmt: skip
         yield {"api": api, "grpc_port": grpc_port, "nih": nih, "n_nih": n_nih, "kermany": kermany,
-               "sidecar": sidecar, "tmp": tmp_path}  # fmt: skip
+               "sidecar": sidecar, "tmp": tmp_path, "grafana_rules": _grafana_rules(guard)}  # fmt: skip
     finally:
         _stop(sidecar)
         _stop(prom)
@@ -283,6 +411,14 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
     assert ever == [], f"drift/novelty alert on in-distribution NIH images: {ever}; numbers: {nih_numbers}"
     print(f"\nNIH subset ({n_nih} images): {nih_numbers}")
 
+    # The Grafana twins agree with Prometheus on every rule; drift and novelty are quiet.
+    grafana_rules = stack["grafana_rules"]
+    on_nih = _compare_with_twins(api, grafana_rules)
+    print(f"Grafana conditions on NIH: {sorted(t for t, fired in on_nih.items() if fired)} hold")
+    for title, fired in on_nih.items():
+        if title.startswith(("CXRMonitorDrift", "CXRMonitorNoveltySurge")):
+            assert fired == set(), f"Grafana rule {title} holds on in-distribution NIH images: {fired}"
+
     # The fleet PSI computed in PromQL from the counters equals monitor.drift.psi of the counts.
     counts = {
         r["metric"]["cluster"]: float(r["value"][1])
@@ -310,6 +446,13 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
     print(f"after {KERMANY_LIMIT} Kermany images: {kermany_numbers}")
     assert kermany_numbers["detected[count]"] == 1
     assert kermany_numbers["fleet_psi"] is not None and kermany_numbers["fleet_psi"] > 0.2
+
+    # The Grafana twins fire where Prometheus fires: drift for the replica and the fleet.
+    on_kermany = _compare_with_twins(api, grafana_rules)
+    print(f"Grafana conditions on Kermany: {sorted(t for t, fired in on_kermany.items() if fired)} hold")
+    replica = on_kermany["CXRMonitorDrift (replica)"]
+    assert len(replica) == 1 and dict(next(iter(replica)))["job"] == "cxr-monitor", replica
+    assert on_kermany["CXRMonitorDrift (fleet)"] == {frozenset()}
 
     # ---- the dashboard's queries are valid PromQL on a live server, and its core panels have data
     empty = []
