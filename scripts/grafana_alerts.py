@@ -143,6 +143,18 @@ GRAFANA: tuple[GrafanaTwin, ...] = (
         ),
     ),
     GrafanaTwin(
+        alert="CXRMonitorRealizedFailureRate",
+        match=(),
+        uid="cxr-monitor-realized-failure-rate",
+        suffix="",
+        panel_id=21,
+        check_first=(
+            "'Realized failure rate by cluster' for the cluster that carries the excess, against its rate "
+            "in the model report (`cxr-monitor report`); which replica and source report the outcomes; "
+            "whether the classifier or the labelling changed without a refit."
+        ),
+    ),
+    GrafanaTwin(
         alert="CXRMonitorHighErrorRate",
         match=(("severity", "critical"),),
         uid="cxr-monitor-server-errors",
@@ -174,6 +186,18 @@ GRAFANA: tuple[GrafanaTwin, ...] = (
         check_first=(
             "'Time per stage' (decode, profile or score bound) and 'In-flight requests' per replica; for "
             "decode-bound JPEG 2000 DICOMs check decode_process_count in the sidecar's starting log line."
+        ),
+    ),
+    GrafanaTwin(
+        alert="CXRMonitorNoTraffic",
+        match=(),
+        uid="cxr-monitor-no-traffic",
+        suffix="",
+        panel_id=10,
+        check_first=(
+            "the caller: is the classifier running and does it call the sidecar's address and port "
+            "(50051)? 'Requests / s by method and code' shows when traffic stopped; mute the alert for "
+            "hours without traffic by design."
         ),
     ),
     GrafanaTwin(

@@ -27,6 +27,8 @@ EXPECTED_ALERTS = {
     "CXRMonitorNoveltySurge",
     "CXRMonitorReliabilityDrop",
     "CXRMonitorBlindSpotTraffic",
+    "CXRMonitorRealizedFailureRate",
+    "CXRMonitorNoTraffic",
     "CXRMonitorHighErrorRate",
     "CXRMonitorHighLatency",
     "CXRMonitorDown",
