@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import re
 import sys
@@ -41,6 +42,9 @@ SCHEMA = REPO / "deploy" / "grafana" / "alerting-schema" / "alerting-file-v1.sch
 ALERTING_DIR = REPO / "deploy" / "grafana" / "provisioning" / "alerting"
 BASE_INTERVAL_SECONDS = 10  # Grafana's [unified_alerting] base_interval (not configurable since 9)
 DEFAULT_RECEIVER = "grafana-default-email"  # the contact point every Grafana org starts with
+# libyaml's parser when PyYAML has it (same results, ~10x faster for the self-test's copies).
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_DUMPER = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
 
 __all__ = ["check_document", "check_file", "main", "self_test"]
 
@@ -58,11 +62,17 @@ def _seconds(duration: str) -> float | None:
     return sum(int(v) * u for v, u in zip(m.groups(), _UNIT_SECONDS, strict=True) if v)
 
 
-def _schema_errors(doc: Any) -> Iterator[str]:
+@functools.cache
+def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
-    validator = Draft202012Validator(json.loads(SCHEMA.read_text()))
-    for err in sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
+    schema = json.loads(SCHEMA.read_text())
+    Draft202012Validator.check_schema(schema)  # a broken pinned schema is an error, not a pass
+    return Draft202012Validator(schema)
+
+
+def _schema_errors(doc: Any) -> Iterator[str]:
+    for err in sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         path = "/".join(map(str, err.absolute_path)) or "(top)"
         # anyOf/oneOf/if-then errors carry their specific causes in `context`.
         causes = sorted({c.message for c in err.context or []})
@@ -175,7 +185,7 @@ def check_document(doc: Any) -> list[str]:
 def check_file(path: Path) -> list[str]:
     """Problems of one provisioning file, each prefixed with the file name."""
     try:
-        doc = yaml.safe_load(path.read_text())
+        doc = yaml.load(path.read_text(), Loader=_LOADER)
     except (OSError, yaml.YAMLError) as exc:
         return [f"{path}: cannot read it as YAML: {exc}"]
     return [f"{path}: {e}" for e in check_document(doc)]
@@ -267,7 +277,7 @@ def self_test(files: list[Path]) -> list[str]:
     failures: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for path in files:
-            base = yaml.safe_load(path.read_text())
+            base = yaml.load(path.read_text(), Loader=_LOADER)
             if check_document(base):
                 failures.append(f"{path}: the unmodified file does not pass")
                 continue
@@ -278,7 +288,7 @@ def self_test(files: list[Path]) -> list[str]:
                 doc = copy.deepcopy(base)
                 mutate(doc)
                 broken = Path(tmp) / f"{i:02d}-{path.name}"
-                broken.write_text(yaml.safe_dump(doc, sort_keys=False))
+                broken.write_text(yaml.dump(doc, Dumper=_DUMPER, sort_keys=False))
                 errors = check_file(broken)
                 status = "rejected" if errors else "ACCEPTED"
                 print(
