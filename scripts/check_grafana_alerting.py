@@ -4,12 +4,18 @@
     python scripts/check_grafana_alerting.py FILE...         # any alerting provisioning files
     python scripts/check_grafana_alerting.py --self-test     # also: every deliberately broken copy must fail
 
-Two layers, both offline:
+Three layers, all offline, with the pinned ``jsonschema`` package:
 
-1. JSON Schema (``deploy/grafana/alerting-schema/alerting-file-v1.schema.json``, transcribed
-   from Grafana's source; its SOURCES.md names each definition's file and commit), checked
-   with the pinned ``jsonschema`` package: keys, types, enums, durations, uids, required fields.
-2. What a schema cannot say but Grafana checks when it loads the rules: the condition and every
+1. Grafana's published definitions: the ``AlertingFileExport`` definitions of its alerting
+   OpenAPI spec, copied unchanged into
+   ``deploy/grafana/alerting-schema/grafana-api-export-definitions.json`` (source commit in the
+   file); two overrides where the Go types marshal otherwise than the spec says: ``Duration``
+   (int64 in the spec, "5m" in files) and ``Matchers`` (matcher strings in files).
+   These are loose (no required fields, unknown keys allowed): types and enums.
+2. The stricter JSON Schema ``alerting-file-v1.schema.json`` beside it, transcribed from the Go
+   types Grafana's provisioning reader decodes the file into (SOURCES.md names each file and
+   commit): unknown keys, required fields, durations, uids, expression models.
+3. What a schema cannot say but Grafana checks when it loads the rules: the condition and every
    ``$X`` / ``expression`` reference name a refId of the same rule; refIds, rule uids and titles
    (per folder) are unique; the group interval is a multiple of Grafana's 10 s base interval;
    a rule linked to a panel has ``dashboardUid`` and ``panelId`` and matching
@@ -39,6 +45,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEMA = REPO / "deploy" / "grafana" / "alerting-schema" / "alerting-file-v1.schema.json"
+PUBLISHED = SCHEMA.parent / "grafana-api-export-definitions.json"
 ALERTING_DIR = REPO / "deploy" / "grafana" / "provisioning" / "alerting"
 BASE_INTERVAL_SECONDS = 10  # Grafana's [unified_alerting] base_interval (not configurable since 9)
 DEFAULT_RECEIVER = "grafana-default-email"  # the contact point every Grafana org starts with
@@ -71,7 +78,24 @@ def _validator() -> Any:
     return Draft202012Validator(schema)
 
 
+@functools.cache
+def _published_validator() -> Any:
+    from jsonschema import Draft4Validator  # the spec is Swagger 2.0, whose schemas are draft 4's
+
+    definitions = dict(json.loads(PUBLISHED.read_text())["definitions"])
+    # Two overrides, where Go types marshal to something else than the spec says: model.Duration is
+    # a string ("5m"), and Alertmanager's labels.Matchers are matcher strings ('severity="critical"').
+    definitions["Duration"] = {"type": "string", "description": "override: a duration string such as 5m"}
+    definitions["Matchers"] = {"type": "array", "items": {"type": "string"}, "description": "override"}
+    schema = {"$ref": "#/definitions/AlertingFileExport", "definitions": definitions}
+    Draft4Validator.check_schema(schema)
+    return Draft4Validator(schema)
+
+
 def _schema_errors(doc: Any) -> Iterator[str]:
+    published = _published_validator().iter_errors(doc)
+    for err in sorted(published, key=lambda e: list(map(str, e.absolute_path))):
+        yield f"{'/'.join(map(str, err.absolute_path)) or '(top)'}: {err.message} (Grafana's published definitions)"
     for err in sorted(_validator().iter_errors(doc), key=lambda e: list(map(str, e.absolute_path))):
         path = "/".join(map(str, err.absolute_path)) or "(top)"
         # anyOf/oneOf/if-then errors carry their specific causes in `context`.

@@ -395,6 +395,38 @@ def test_grafana_alerting_files_match_grafanas_schema() -> None:
     assert checker.main([]) == 0
 
 
+def test_pinned_schema_agrees_with_grafanas_published_definitions() -> None:
+    """The transcribed schema allows the keys and enum values of Grafana's own export definitions."""
+    schema_dir = DEPLOY / "grafana" / "alerting-schema"
+    mine = json.loads((schema_dir / "alerting-file-v1.schema.json").read_text())
+    published = json.loads((schema_dir / "grafana-api-export-definitions.json").read_text())["definitions"]
+    assert "01c8a967d244b9a5903e8dc66c0debab3006f745" in (schema_dir / "SOURCES.md").read_text()
+    reader_only = {"(top)": {"deleteRules", "deleteContactPoints", "resetPolicies", "deleteMuteTimes", "templates",
+                             "deleteTemplates"}, "AlertRuleV1": {"dasboardUid"}}  # fmt: skip
+    pairs = {"(top)": "AlertingFileExport", "AlertRuleGroupV1": "AlertRuleGroupExport",
+             "AlertRuleV1": "AlertRuleExport", "QueryV1": "AlertQueryExport",
+             "NotificationSettingsV1": "AlertRuleNotificationSettingsExport", "RecordV1": "AlertRuleRecordExport",
+             "ContactPointV1": "ContactPointExport", "ReceiverV1": "ReceiverExport",
+             "Route": "NotificationPolicyExport"}  # fmt: skip
+    for ours, theirs in pairs.items():
+        keys = set((mine if ours == "(top)" else mine["$defs"][ours])["properties"])
+        assert keys - reader_only.get(ours, set()) == set(published[theirs]["properties"]), (ours, theirs)
+    for field in ("noDataState", "execErrState"):
+        assert (
+            mine["$defs"]["AlertRuleV1"]["properties"][field]["enum"]
+            == published["AlertRuleExport"]["properties"][field]["enum"]
+        )
+
+
+def test_grafana_alerting_checker_uses_grafanas_published_definitions(tmp_path: Path) -> None:
+    _jsonschema()
+    checker = _script("check_grafana_alerting")
+    doc = _yaml(GRAFANA_RULES)
+    doc["groups"][0]["rules"][0]["noDataState"] = "Ok"
+    errors = checker.check_document(doc)
+    assert any(e.endswith("(Grafana's published definitions)") and "noDataState" in e for e in errors), errors
+
+
 def test_grafana_alerting_checker_rejects_broken_copies(capsys: pytest.CaptureFixture) -> None:
     """Every deliberately broken copy of each file fails the check (and the unmodified files pass)."""
     _jsonschema()
