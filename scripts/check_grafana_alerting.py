@@ -237,6 +237,7 @@ RULE_MUTATIONS: list[tuple[str, Callable[[dict], None]]] = [
     ("uid with a space", lambda d: _rule(d).update(uid="cxr monitor drift")),
     ("uid of 41 characters", lambda d: _rule(d).update(uid="x" * 41)),
     ("empty title", lambda d: _rule(d).update(title=" ")),
+    ("title of 191 characters", lambda d: _rule(d).update(title="t" * 191)),
     ("no data", lambda d: _rule(d).update(data=[])),
     ("condition names no refId", lambda d: _rule(d).update(condition="D")),
     (
