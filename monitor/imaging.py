@@ -24,6 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from pydicom.pixels import apply_modality_lut
 
+from monitor.colour import ColourAssessment, assess_colour, luminance
 from monitor.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE
 from monitor.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, UnsupportedImageError
 from monitor.types import ImageMeta, LoadedImage
@@ -61,7 +62,8 @@ _GREY_MODES: dict[str, int | None] = {
     "I": None,
     "F": None,
 }
-# Colour modes accepted only when their colour channels are identical (grey stored as colour).
+# Colour modes: accepted when grey in substance (identical channels, or colour that is only noise, a
+# tint or small overlays; see monitor.colour), converted to luminance.
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBX", "LA", "P", "PA"})
 
 
@@ -274,12 +276,14 @@ def from_array(
             "(expected (rows, columns) or (rows, columns, 1|3|4))"
         )
     _check_size(name, rows, columns, max_pixels, min_size)
+    bits = arr.dtype.itemsize * 8 if arr.dtype.kind == "u" else None
+    verdict = None
     if arr.ndim == 3:
-        arr = _one_channel(arr, name, n_colour=min(arr.shape[2], 3))
+        arr, verdict = _one_channel(arr, name, n_colour=min(arr.shape[2], 3))
     with np.errstate(over="ignore"):  # out-of-range floats become inf, reported by _finish
         pixels = np.ascontiguousarray(arr, dtype=np.float32)
-    bits = arr.dtype.itemsize * 8 if arr.dtype.kind == "u" else None
-    meta = ImageMeta(source=name, format="array", rows=rows, columns=columns, bits_stored=bits)
+    meta = ImageMeta(source=name, format="array", rows=rows, columns=columns, bits_stored=bits,
+                     **_colour_fields(verdict))  # fmt: skip
     return _finish(pixels, meta)
 
 
@@ -359,16 +363,30 @@ def _finish(pixels: np.ndarray, meta: ImageMeta) -> LoadedImage:
     return LoadedImage(pixels=pixels, meta=meta)
 
 
-def _one_channel(arr: np.ndarray, name: str, n_colour: int) -> np.ndarray:
-    """Return channel 0 of a (rows, columns, channels) array if its colour channels are equal."""
+def _one_channel(arr: np.ndarray, name: str, n_colour: int) -> tuple[np.ndarray, ColourAssessment | None]:
+    """One grey plane of a (rows, columns, channels) array, and what converting it removed.
+
+    Identical colour channels give channel 0 (no conversion, ``None``). Otherwise the image
+    is grey up to noise, a tint or small overlays (see :mod:`monitor.colour`) and becomes
+    its luminance, or it is genuinely coloured and refused.
+    """
     first = arr[..., 0]
-    for c in range(1, n_colour):
-        if not np.array_equal(first, arr[..., c]):
-            raise UnsupportedImageError(
-                f"{name}: colour image is not supported (its colour channels differ; "
-                "a chest radiograph must be grey)"
-            )
-    return first
+    if all(np.array_equal(first, arr[..., c]) for c in range(1, n_colour)):
+        return first, None
+    rgb = arr[..., :3]
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf: reported by _finish
+        verdict = assess_colour(rgb)
+    if not verdict.accepted:
+        raise UnsupportedImageError(
+            f"{name}: colour image is not supported ({verdict.reason}; a chest radiograph must be grey)"
+        )
+    return luminance(rgb), verdict
+
+
+def _colour_fields(verdict: ColourAssessment | None) -> dict[str, Any]:
+    if verdict is None:
+        return {}
+    return {"colour_conversion": verdict.kind, "coloured_share": round(verdict.coloured_share, 6)}
 
 
 # --------------------------------------------------------------------------- DICOM
@@ -471,6 +489,7 @@ def _dicom_header(
         manufacturer=_text(ds, "Manufacturer"),
         manufacturer_model_name=_text(ds, "ManufacturerModelName"),
         view_position=_text(ds, "ViewPosition"),
+        body_part_examined=_text(ds, "BodyPartExamined"),
         pixel_spacing_mm=_spacing(ds),
     )
 
@@ -617,13 +636,15 @@ def _decode_pillow(
                 f"{name}: truncated or corrupt {fmt} pixel data ({type(exc).__name__}: {exc})"
             ) from exc
 
+    verdict = None
     if mode in _GREY_MODES:
         bits = _GREY_MODES[mode]
     else:
         bits = 8
         if arr.ndim == 3:
-            arr = _one_channel(arr, name, n_colour=1 if mode == "LA" else 3)
+            arr, verdict = _one_channel(arr, name, n_colour=1 if mode == "LA" else 3)
     pixels = np.ascontiguousarray(arr, dtype=np.float32)
     del arr
-    meta = ImageMeta(source=name, format=kind, rows=rows, columns=columns, bits_stored=bits)
+    meta = ImageMeta(source=name, format=kind, rows=rows, columns=columns, bits_stored=bits,
+                     **_colour_fields(verdict))  # fmt: skip
     return pixels, meta

@@ -14,7 +14,10 @@ __all__ = ["DriftReport", "ImageMeta", "LoadedImage", "ScoreResult", "ScoredImag
 class ImageMeta:
     """Where an image came from and how it was acquired (``None`` where unknown).
 
-    ``rows``/``columns`` are the native size before any resampling.
+    ``rows``/``columns`` are the native size before any resampling. ``colour_conversion`` says
+    what converting a colour-coded image to its luminance removed (``"noise"``, ``"tint"`` or
+    ``"overlay"``; ``None`` when the image was grey), ``coloured_share`` the share of its pixels
+    that carried colour beyond noise and tint (see :mod:`monitor.colour`).
     """
 
     source: str
@@ -29,6 +32,9 @@ class ImageMeta:
     manufacturer_model_name: str | None = None
     view_position: str | None = None
     pixel_spacing_mm: float | None = None
+    body_part_examined: str | None = None
+    colour_conversion: str | None = None
+    coloured_share: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
