@@ -26,6 +26,7 @@ from .drift import DriftThresholds
 from .errors import ArtifactError, InvalidInputError
 from .model import ReliabilityModel
 from .reliability import ClusterCalibrator, ClusterFailureRates
+from .scope import ScopeRules
 from .spectrum import SPEC_VERSION, SpectralProfiler
 
 __all__ = ["FORMAT_VERSION", "load_model", "save_model"]
@@ -73,6 +74,7 @@ def save_model(model: ReliabilityModel, directory: str | os.PathLike) -> Path:
         },
         "drift_thresholds": model.drift_thresholds.to_dict(),
         "fit_records": model.fit_records,
+        "scope": model.scope.to_json(),
     }
     text = json.dumps(doc, indent=2, sort_keys=False, default=_json_default, allow_nan=True).encode()
     payload = {"model.json": text, "arrays.npz": npz}
@@ -165,8 +167,10 @@ def load_model(directory: str | os.PathLike) -> ReliabilityModel:
             card=doc["card"],
             fit_profiles=arrays.get("fit_profiles"),
             fit_records=doc.get("fit_records"),
+            # Models saved before header scopes existed get the built-in chest radiograph lists.
+            scope=ScopeRules.from_json(doc.get("scope")),
         )
     except ArtifactError:
         raise
-    except (KeyError, TypeError, ValueError, np.linalg.LinAlgError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError, np.linalg.LinAlgError) as exc:
         raise ArtifactError(f"{directory}: model content is invalid ({type(exc).__name__}: {exc})") from exc

@@ -30,8 +30,9 @@ class DriftThresholds:
     Cluster-mix drift: ``chi2_p < chi2_alpha`` and ``psi > psi_min`` (the test
     guards against noise in small windows, the PSI floor against trivial shifts in
     large ones). Novelty drift: the novel share exceeds ``novelty_rate_min`` and is
-    significantly above the reference rate (binomial p < ``novelty_alpha``). No
-    verdict below ``min_images``.
+    significantly above the reference rate (binomial p < ``novelty_alpha``). Out-of-scope
+    drift: the share of images whose header puts them out of the model's scope exceeds
+    ``out_of_scope_rate_min``. No verdict below ``min_images``.
     """
 
     psi_min: float = 0.1
@@ -39,6 +40,9 @@ class DriftThresholds:
     novelty_rate_min: float = 0.05
     novelty_alpha: float = 1e-3
     min_images: int = 30
+    # Out-of-scope drift: more than this share of the window's headers say "not a chest
+    # radiograph" (the reference has none, so any steady share is a change of traffic).
+    out_of_scope_rate_min: float = 0.02
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -66,21 +70,42 @@ class WindowStats:
     n: int = 0
     n_novel: int = 0
     failure_probability_sum: float = 0.0
+    # Out-of-scope images by the first header field that failed (see monitor.scope).
+    out_of_scope_counts: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
         self.feature_sum = np.zeros(self.n_features, dtype=np.float64)
 
-    def add(self, cluster: int, is_novel: bool, failure_probability: float, z_features: np.ndarray) -> None:
-        """Add one image (``z_features``: its profile standardised by the reference)."""
+    @property
+    def n_out_of_scope(self) -> int:
+        return sum(self.out_of_scope_counts.values())
+
+    def add(
+        self,
+        cluster: int,
+        is_novel: bool,
+        failure_probability: float,
+        z_features: np.ndarray,
+        out_of_scope: str = "",
+    ) -> None:
+        """Add one image (``z_features``: its profile standardised by the reference;
+        ``out_of_scope``: the header field that put it out of scope, empty when in scope)."""
         self.cluster_counts[cluster] += 1
         self.feature_sum += z_features
         self.n += 1
         self.n_novel += int(is_novel)
         self.failure_probability_sum += float(failure_probability)
+        if out_of_scope:
+            self.out_of_scope_counts[out_of_scope] = self.out_of_scope_counts.get(out_of_scope, 0) + 1
 
     def remove(
-        self, cluster: int, is_novel: bool, failure_probability: float, z_features: np.ndarray
+        self,
+        cluster: int,
+        is_novel: bool,
+        failure_probability: float,
+        z_features: np.ndarray,
+        out_of_scope: str = "",
     ) -> None:
         """Take back one image added earlier (for sliding windows)."""
         self.cluster_counts[cluster] -= 1
@@ -88,6 +113,12 @@ class WindowStats:
         self.n -= 1
         self.n_novel -= int(is_novel)
         self.failure_probability_sum -= float(failure_probability)
+        if out_of_scope:
+            left = self.out_of_scope_counts.get(out_of_scope, 0) - 1
+            if left > 0:
+                self.out_of_scope_counts[out_of_scope] = left
+            else:
+                self.out_of_scope_counts.pop(out_of_scope, None)
 
 
 def drift_report(
@@ -147,18 +178,28 @@ def drift_report(
         reasons.append(f"cluster mix shifted (PSI {psi_value:.3f}, chi-square p {chi2_p:.2g})")
     if novelty_drift:
         reasons.append(f"novel images {novelty_rate:.1%} vs {reference_novelty_rate:.1%} expected")
+    out_of_scope_rate = window.n_out_of_scope / n
+    out_of_scope_drift = enough and out_of_scope_rate > thresholds.out_of_scope_rate_min
+    if out_of_scope_drift:
+        by_field = ", ".join(f"{k} {v}" for k, v in sorted(window.out_of_scope_counts.items()))
+        reasons.append(
+            f"out-of-scope images {out_of_scope_rate:.1%} (headers say not a chest radiograph: {by_field})"
+        )
     if not enough:
         reasons.append(f"fewer than {thresholds.min_images} images: no verdict")
     # The cluster failure rates were measured on the reference: for images outside it (novel)
     # they are extrapolation, and the benchmarks (E3) show the estimate can then be far off.
-    trusted = novelty_rate <= thresholds.novelty_rate_min
+    # Images outside the model's scope (not chest radiographs) are outside it by definition.
+    trusted = (
+        novelty_rate <= thresholds.novelty_rate_min and out_of_scope_rate <= thresholds.out_of_scope_rate_min
+    )
     if not trusted:
-        reasons.append(
-            f"estimated failure rate not trusted: {novelty_rate:.1%} of images are outside the reference"
-        )
+        outside = novelty_rate if novelty_rate > thresholds.novelty_rate_min else out_of_scope_rate
+        where = "outside the reference" if outside == novelty_rate else "out of scope"
+        reasons.append(f"estimated failure rate not trusted: {outside:.1%} of images are {where}")
     return DriftReport(
         n_images=n,
-        drift=bool(mix_drift or novelty_drift),
+        drift=bool(mix_drift or novelty_drift or out_of_scope_drift),
         psi=psi_value,
         js_distance=js,
         chi2_p=chi2_p,
@@ -175,6 +216,9 @@ def drift_report(
         novelty_p=novelty_p,
         failure_estimate_trusted=bool(trusted),
         reasons=tuple(reasons),
+        out_of_scope_rate=out_of_scope_rate,
+        out_of_scope_drift=bool(out_of_scope_drift),
+        out_of_scope_counts=dict(sorted(window.out_of_scope_counts.items())),
     )
 
 
@@ -185,6 +229,7 @@ class _Entry:
     is_novel: bool
     failure_probability: float
     z_features: np.ndarray
+    out_of_scope: str = ""
 
 
 class SlidingWindow:
@@ -203,10 +248,11 @@ class SlidingWindow:
         self._stats = WindowStats(n_clusters, n_features)
 
     def add(self, now: float, cluster: int, is_novel: bool, failure_probability: float,
-            z_features: np.ndarray) -> None:  # fmt: skip
-        entry = _Entry(now, cluster, is_novel, failure_probability, np.asarray(z_features, dtype=np.float64))
+            z_features: np.ndarray, out_of_scope: str = "") -> None:  # fmt: skip
+        entry = _Entry(now, cluster, is_novel, failure_probability, np.asarray(z_features, dtype=np.float64),
+                       out_of_scope)  # fmt: skip
         self._entries.append(entry)
-        self._stats.add(cluster, is_novel, failure_probability, entry.z_features)
+        self._stats.add(cluster, is_novel, failure_probability, entry.z_features, out_of_scope)
         self.evict(now)
 
     def evict(self, now: float) -> None:
@@ -216,7 +262,7 @@ class SlidingWindow:
             or (self.max_age_seconds is not None and now - self._entries[0].time > self.max_age_seconds)
         ):
             e = self._entries.popleft()
-            self._stats.remove(e.cluster, e.is_novel, e.failure_probability, e.z_features)
+            self._stats.remove(e.cluster, e.is_novel, e.failure_probability, e.z_features, e.out_of_scope)
 
     def stats(self, now: float) -> WindowStats:
         """Current statistics (after evicting what has aged out)."""

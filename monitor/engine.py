@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from .defaults import DEFAULT_DECODE_TIMEOUT, DEFAULT_MAX_PIXELS
 from .drift import SlidingWindow
 from .errors import DeadlineExceededError
 from .model import ReliabilityModel
+from .scope import ScopeRules
 from .spectrum import SpectralProfiler
 from .types import DriftReport, ImageMeta, LoadedImage, ScoredImage
 
@@ -56,6 +57,9 @@ class Engine:
     decoder_setup : callable, optional
         Run once in each decoder process first (see :class:`~monitor.decoding.DecodePool`);
         the server passes its logging set-up.
+    scope_overrides : mapping, optional
+        Allow-lists replacing the model's, by :class:`ScopeRules` field (``modalities``,
+        ``body_parts``, ``view_positions``), each as text such as ``"CR,DX"`` or ``"*"``.
     """
 
     def __init__(
@@ -68,10 +72,12 @@ class Engine:
         decode_processes: int = 0,
         decode_timeout: float = DEFAULT_DECODE_TIMEOUT,
         decoder_setup: Callable[[], None] | None = None,
+        scope_overrides: Mapping[str, str] | None = None,
     ) -> None:
         self.model = model
         self.max_pixels = max_pixels
         self.decode_timeout = decode_timeout
+        self.scope: ScopeRules = model.scope.with_overrides(**(scope_overrides or {}))
         self._profiler = SpectralProfiler.from_spec(
             model.profiler.spec(), fft_threads=fft_threads, wisdom_path=wisdom_path
         )
@@ -222,6 +228,9 @@ class Engine:
     ) -> ScoredImage:
         """Score a profile computed elsewhere (e.g. in a worker process) with this model's spec.
 
+        ``meta`` is checked against the scope (header allow-lists) first: an image whose header
+        says it is not a chest radiograph is scored but not trusted.
+
         Parameters
         ----------
         profile : ndarray of shape (n_features,)
@@ -230,7 +239,7 @@ class Engine:
         t0 = time.perf_counter()
         row = np.asarray(profile, dtype=np.float64)[None, :]
         scores = None if classifier_score is None else np.array([classifier_score], dtype=np.float64)
-        result = self.model.score(row, scores)[0]
+        result = self.model.score(row, scores, scope_reasons=[self.scope.check(meta)])[0]
         z = self.model.standardise(row)[0]
         spent = {"decode": 0.0, "profile": 0.0, **(timings or {})}
         return ScoredImage(
@@ -257,7 +266,8 @@ class Engine:
         """Drift report of a batch of scored images."""
         window = self.model.new_window()
         for s in scored:
-            window.add(s.result.cluster, s.result.is_novel, s.result.cluster_failure_probability, s.z_profile)
+            r = s.result
+            window.add(r.cluster, r.is_novel, r.cluster_failure_probability, s.z_profile, r.scope_field)
         return self.model.drift(window)
 
 

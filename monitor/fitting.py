@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from .batch import profile_files
 from .clustering import SpectralClusterer
 from .errors import InvalidInputError
 from .model import ReliabilityModel
+from .scope import ScopeRules
 from .spectrum import DEFAULT_WORKING_SIZE, SpectralProfiler
 
 __all__ = ["FitReport", "Outcomes", "fit_folder", "read_outcomes"]
@@ -134,8 +136,13 @@ def fit_folder(
     progress: bool = False,
     card: dict[str, Any] | None = None,
     working_size: int | None = None,
+    scope_overrides: Mapping[str, str] | None = None,
 ) -> FitReport:
     """Profile the listed images, fit a :class:`ReliabilityModel` and save it to ``out``.
+
+    The model's scope (header allow-lists) is learned from the fitted images' headers
+    (:meth:`ScopeRules.learn`); ``scope_overrides`` replaces lists by field (``modalities``,
+    ``body_parts``, ``view_positions``), each as text such as ``"CR,DX"`` or ``"*"``.
 
     Raises
     ------
@@ -189,6 +196,7 @@ def fit_folder(
         threshold=table.threshold,
         card={**(card or {}), "fit_data": summary, "seed": seed},
         records=records,
+        scope=ScopeRules.learn(records).with_overrides(**(scope_overrides or {})),
     )
     save_model(model, out)
     return FitReport(

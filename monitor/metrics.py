@@ -5,6 +5,9 @@ Names carry base units (``_seconds``, ``_bytes``, ``_ratio``), counters end in
 the status code name, the pipeline stage, the cluster index, the outcome and the
 drift window, all bounded.
 
+``kind`` (colour conversions) and ``field`` (out-of-scope images) take a fixed set of values,
+pre-initialised to 0.
+
 ``method`` label values: ``Score``, ``ScoreStream``, ``ReportOutcome``,
 ``GetModelInfo`` (one per RPC) and ``ScoreStream/item`` (one per image of a
 stream, so per-item errors are counted too; a stream of n images therefore adds
@@ -26,6 +29,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from .colour import COLOUR_KINDS
+from .scope import SCOPE_FIELDS
 from .types import DriftReport, ScoredImage
 
 __all__ = [
@@ -56,6 +61,10 @@ DRIFT_GAUGES: dict[str, tuple[str, str]] = {
     ),
     "drift_chi2_p_value": ("Chi-square goodness-of-fit p-value of the cluster counts.", "chi2_p"),
     "drift_novelty_ratio": ("Share of novel images in the window.", "novelty_rate"),
+    "drift_out_of_scope_ratio": (
+        "Share of the window's images whose header says they are not a chest radiograph the model covers.",
+        "out_of_scope_rate",
+    ),
     "drift_estimated_failure_ratio": (
         "Mean label-free predicted failure probability in the window.",
         "estimated_failure_rate",
@@ -146,6 +155,26 @@ class MonitorMetrics:
             p + "blind_spot_images", "Scored images in a blind-spot cluster.", **r
         )
         self.novel_images = Counter(p + "novel_images", "Scored images flagged novel.", **r)
+        self.out_of_scope_images = Counter(
+            p + "out_of_scope_images",
+            "Scored images whose header puts them out of the model's scope, by the first field that "
+            "failed (modality, body_part, view_position).",
+            ["field"],
+            **r,
+        )
+        self.untrusted_images = Counter(
+            p + "untrusted_images",
+            "Scored images not trusted (novel or out of scope); their reliability is reported as the "
+            "lower end of its interval (0).",
+            **r,
+        )
+        self.colour_conversions = Counter(
+            p + "colour_conversions",
+            "Colour-coded images accepted as grey and converted to luminance, by what the conversion "
+            "removed (noise, tint, overlay).",
+            ["kind"],
+            **r,
+        )
         self.predicted_failures = Counter(
             p + "predicted_failures",
             "Sum of label-free cluster failure probabilities of scored images; "
@@ -175,6 +204,10 @@ class MonitorMetrics:
             **r,
         )
         self.info = Info("cxr_monitor", "The loaded model and server versions.", **r)
+        for kind in COLOUR_KINDS:
+            self.colour_conversions.labels(kind=kind)
+        for name in SCOPE_FIELDS:
+            self.out_of_scope_images.labels(field=name)
         self.inflight = Gauge(p + "inflight_requests", "RPCs being handled now (streams count once).", **r)
         self.model_loaded = Gauge(p + "model_loaded", "1 once the model is loaded and served, else 0.", **r)
         self.shed = Counter(p + "shed_requests", "Images refused at admission with RESOURCE_EXHAUSTED, by the "
@@ -238,6 +271,12 @@ class MonitorMetrics:
             self.blind_spot_images.inc()
         if r.is_novel:
             self.novel_images.inc()
+        if r.out_of_scope:
+            self.out_of_scope_images.labels(field=r.scope_field).inc()
+        if not r.trusted:
+            self.untrusted_images.inc()
+        if scored.meta.colour_conversion:
+            self.colour_conversions.labels(kind=scored.meta.colour_conversion).inc()
         self.predicted_failures.inc(_finite(r.cluster_failure_probability))
 
     def observe_outcome(self, cluster: int, failure: bool, predicted_failure_probability: float) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ from .clustering import SpectralClusterer, check_profiles
 from .drift import DEFAULT_THRESHOLDS, DriftThresholds, WindowStats, drift_report
 from .errors import InvalidInputError
 from .reliability import ClusterCalibrator, ClusterFailureRates
+from .scope import ScopeRules
 from .spectrum import SpectralProfiler
 from .types import DriftReport, ScoreResult
 
@@ -63,6 +65,8 @@ class ReliabilityModel:
     # (image name, failure, cluster, and any metadata columns of the outcomes table).
     fit_profiles: np.ndarray | None = None
     fit_records: list[dict[str, Any]] | None = None
+    # Header allow-lists (modality, body part, view) of the images the model speaks for.
+    scope: ScopeRules = field(default_factory=ScopeRules)
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -91,6 +95,7 @@ class ReliabilityModel:
         drift_thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
         card: dict[str, Any] | None = None,
         records: list[dict[str, Any]] | None = None,
+        scope: ScopeRules | None = None,
     ) -> ReliabilityModel:
         """Fit clusters, failure rates and (when labels and scores are given) calibration.
 
@@ -105,6 +110,8 @@ class ReliabilityModel:
         labels, scores : ndarray of shape (n_images,), optional
             True 0/1 labels and classifier scores; with ``threshold`` they fit the
             per-cluster calibration used when a request carries the classifier's score.
+        scope : ScopeRules, optional
+            Header allow-lists; default: :meth:`ScopeRules.learn` from ``records``.
         """
         X = check_profiles(profiles, len(profiler.feature_names))
         failures = np.asarray(failures)
@@ -156,6 +163,7 @@ class ReliabilityModel:
                 for i in range(X.shape[0])
             ],
         )
+        model.scope = scope if scope is not None else ScopeRules.learn(model.fit_records)
         model.card.setdefault("versions", library_versions())
         model.card["model_id"] = model.fingerprint()
         return model
@@ -169,8 +177,18 @@ class ReliabilityModel:
         h.update(np.round(self.rates.rate_, 10).tobytes())
         return "cxrm-" + h.hexdigest()[:12]
 
-    def score(self, profiles: Any, classifier_scores: Any = None, top: int = 3) -> list[ScoreResult]:
+    def score(
+        self,
+        profiles: Any,
+        classifier_scores: Any = None,
+        top: int = 3,
+        scope_reasons: Sequence[tuple[tuple[str, str], ...]] | None = None,
+    ) -> list[ScoreResult]:
         """Reliability of each profile.
+
+        A novel or out-of-scope image is not trusted: its failure interval is [0, 1] and its
+        reliability the lower end of the reliability interval (0), so that it never reads like
+        a typical image's (see :class:`~monitor.types.ScoreResult`).
 
         Parameters
         ----------
@@ -180,6 +198,9 @@ class ReliabilityModel:
             unknown. Used only when the model has a calibrator.
         top : int
             How many most-deviating features to report per image.
+        scope_reasons : sequence of tuples of (field, reason), optional
+            Per image, why its header puts it out of scope (:meth:`ScopeRules.check`); empty
+            or ``None`` when in scope.
         """
         X = check_profiles(profiles, len(self.feature_names))
         Z, memberships, loglik, novelty, distance = self.clusterer.assess(X)
@@ -197,9 +218,15 @@ class ReliabilityModel:
                 )
                 method[known] = "calibrated_score"
         novel = distance > self.clusterer.novelty_threshold_
-        # Outside the reference the measured rates say nothing certain: the interval of a novel
-        # image is the uninformative [0, 1] (its point estimate stays, for ranking).
-        lower[novel], upper[novel] = 0.0, 1.0
+        if scope_reasons is not None and len(scope_reasons) != X.shape[0]:
+            raise InvalidInputError(f"expected {X.shape[0]} scope verdicts, got {len(scope_reasons)}")
+        scope = list(scope_reasons) if scope_reasons is not None else [()] * X.shape[0]
+        untrusted = novel | np.array([bool(r) for r in scope], dtype=bool)
+        # Outside the reference (novel) or outside the model's scope (header) the measured rates
+        # say nothing certain: the interval is the uninformative [0, 1] and the reliability its
+        # lower end (the point estimate stays in failure_probability, for ranking).
+        lower[untrusted], upper[untrusted] = 0.0, 1.0
+        reliability = np.where(untrusted, 1.0 - upper, 1.0 - p_final)
         hard = memberships.argmax(axis=1)
         dev = (Z - self.cluster_feature_mean[hard]) / self.cluster_feature_std[hard]
         names = self.feature_names
@@ -212,7 +239,7 @@ class ReliabilityModel:
                     memberships=tuple(float(m) for m in memberships[i]),
                     failure_probability=float(p_final[i]),
                     failure_interval=(float(lower[i]), float(upper[i])),
-                    reliability=float(1.0 - p_final[i]),
+                    reliability=float(reliability[i]),
                     novelty=float(novelty[i]),
                     is_novel=bool(novel[i]),
                     log_likelihood=float(loglik[i]),
@@ -220,6 +247,10 @@ class ReliabilityModel:
                     top_features=tuple((names[j], float(dev[i, j])) for j in order),
                     cluster_failure_probability=float(p_cluster[i]),
                     method=str(method[i]),
+                    trusted=not bool(untrusted[i]),
+                    out_of_scope=bool(scope[i]),
+                    scope_field=scope[i][0][0] if scope[i] else "",
+                    scope_reasons=tuple(reason for _, reason in scope[i]),
                 )
             )
         return results

@@ -255,6 +255,41 @@ class Settings:
 
     log_level: str = field(default=DEFAULT_LOG_LEVEL, metadata={"help": "DEBUG, INFO, WARNING or ERROR."})
 
+    scope_modalities: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated (0008,0060) Modality values the model covers, replacing the model's "
+            "allow-list (learned at fit: CR, DR, DX, RG and the fit set's); * accepts any; empty keeps "
+            "the model's. A DICOM outside it is scored as out of scope and not trusted."
+        },
+    )
+
+    scope_body_parts: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated (0018,0015) Body Part Examined values the model covers (model's list: "
+            "CHEST, LUNG, THORAX and the fit set's); * accepts any; empty keeps the model's."
+        },
+    )
+
+    scope_view_positions: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated (0018,5101) View Position values the model covers (model's list: the "
+            "projection radiograph views and the fit set's); * accepts any; empty keeps the model's."
+        },
+    )
+
+    @property
+    def scope_overrides(self) -> dict[str, str]:
+        """The scope allow-lists given, by :class:`~monitor.scope.ScopeRules` field (empty: none)."""
+        given = {
+            "modalities": self.scope_modalities,
+            "body_parts": self.scope_body_parts,
+            "view_positions": self.scope_view_positions,
+        }
+        return {k: v for k, v in given.items() if v.strip()}
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "model", Path(self.model))
         for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file", "outcome_token_file"):
@@ -309,6 +344,10 @@ class Settings:
             )
         if self.log_level not in LOG_LEVELS:
             raise InvalidInputError(f"setting log_level must be one of {LOG_LEVELS}, got {self.log_level!r}")
+        for name in ("scope_modalities", "scope_body_parts", "scope_view_positions"):
+            value = getattr(self, name)
+            if value.strip() and not any(v.strip() for v in value.split(",")):
+                raise InvalidInputError(f"setting {name} needs at least one value or '*', got {value!r}")
 
     @property
     def decode_process_count(self) -> int:

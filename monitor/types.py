@@ -54,7 +54,15 @@ class LoadedImage:
 
 @dataclass(frozen=True)
 class ScoreResult:
-    """Reliability of one image under a fitted model."""
+    """Reliability of one image under a fitted model.
+
+    ``trusted`` is False when the image is novel or out of scope (its header says it is not a
+    chest radiograph; ``scope_reasons`` say why, ``scope_field`` names the first field that
+    failed). The measured failure rates then do not apply: the failure interval is [0, 1] and
+    ``reliability`` is the lower end of the reliability interval, ``1 - failure_interval[1]``
+    (0), never the point value a typical image gets. ``failure_probability`` stays the
+    extrapolated point estimate, for ranking and drift estimates.
+    """
 
     cluster: int
     memberships: tuple[float, ...]
@@ -68,9 +76,14 @@ class ScoreResult:
     top_features: tuple[tuple[str, float], ...] = field(default=())
     cluster_failure_probability: float = float("nan")
     method: str = "cluster"
+    trusted: bool = True
+    out_of_scope: bool = False
+    scope_field: str = ""
+    scope_reasons: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["scope_reasons"] = list(self.scope_reasons)
         d["memberships"] = list(self.memberships)
         d["failure_interval"] = list(self.failure_interval)
         d["top_features"] = [{"feature": n, "z": z} for n, z in self.top_features]
@@ -100,6 +113,10 @@ class DriftReport:
     novelty_p: float = 1.0
     # False when so many images are novel that the cluster failure rates are extrapolated.
     failure_estimate_trusted: bool = True
+    # Images whose header says they are not chest radiographs (reference: none), by field.
+    out_of_scope_rate: float = 0.0
+    out_of_scope_drift: bool = False
+    out_of_scope_counts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -40,6 +41,10 @@ EXACT_NAMES = {
     "cxr_monitor_drift_js_distance": "gauge",
     "cxr_monitor_drift_chi2_p_value": "gauge",
     "cxr_monitor_drift_novelty_ratio": "gauge",
+    "cxr_monitor_drift_out_of_scope_ratio": "gauge",
+    "cxr_monitor_out_of_scope_images": "counter",
+    "cxr_monitor_untrusted_images": "counter",
+    "cxr_monitor_colour_conversions": "counter",
     "cxr_monitor_drift_estimated_failure_ratio": "gauge",
     "cxr_monitor_drift_realized_failure_ratio": "gauge",
     "cxr_monitor_drift_max_feature_shift": "gauge",
@@ -197,3 +202,27 @@ def test_outcome_log_is_a_bounded_lru() -> None:
     with pytest.raises(KeyError):
         log.record("b", False)
     assert log.tallies()[1] == (1, 1, pytest.approx(0.4))
+
+
+def test_out_of_scope_untrusted_and_colour_conversions_are_counted(metrics: MonitorMetrics) -> None:
+    get = metrics.registry.get_sample_value
+    for kind in ("noise", "tint", "overlay"):
+        assert get("cxr_monitor_colour_conversions_total", {"kind": kind}) == 0.0
+    for name in ("modality", "body_part", "view_position"):
+        assert get("cxr_monitor_out_of_scope_images_total", {"field": name}) == 0.0
+    base = _scored()
+    outside = ScoredImage(
+        replace(base.result, trusted=False, reliability=0.0, out_of_scope=True, scope_field="modality",
+                scope_reasons=("(0008,0060) Modality 'US' is not ...",)),
+        replace(base.meta, modality="US"), base.z_profile, base.timings,
+    )  # fmt: skip
+    tinted = ScoredImage(base.result, replace(base.meta, colour_conversion="tint", coloured_share=0.0),
+                         base.z_profile, base.timings)  # fmt: skip
+    for s in (base, outside, tinted):
+        metrics.observe_scored(s)
+    assert get("cxr_monitor_out_of_scope_images_total", {"field": "modality"}) == 1.0
+    assert get("cxr_monitor_untrusted_images_total") == 1.0
+    assert get("cxr_monitor_colour_conversions_total", {"kind": "tint"}) == 1.0
+    # The reliability histogram holds what the response said: 0 for the untrusted image.
+    assert get("cxr_monitor_reliability_ratio_bucket", {"le": "0.05"}) == 1.0
+    assert get("cxr_monitor_drift_out_of_scope_ratio", {"window": "count"}) == 0.0

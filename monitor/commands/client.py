@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
-from .output import add_command, expand_paths, no_images_message, print_json
+from .output import add_command, expand_paths, no_images_message, print_json, untrusted_note
 from .remote import add_connection_options, connect
 
 __all__ = ["register"]
@@ -28,12 +28,20 @@ def _rpc_error(exc: Any, what: str = "") -> str:
 
 def _print_response(path: str, r: Any) -> None:
     lo, hi = r.failure_interval.lower, r.failure_interval.upper
-    flags = " ".join(f for f, on in (("NOVEL", r.is_novel), ("BLIND-SPOT", r.in_blind_spot)) if on)
+    marks = (("NOVEL", r.is_novel), ("OUT-OF-SCOPE", r.out_of_scope), ("BLIND-SPOT", r.in_blind_spot))
+    flags = " ".join(f for f, on in marks if on)
     t = r.timings
     print(
-        f"{path}: cluster {r.cluster}  reliability {r.reliability:.3f}  failure p {r.failure_probability:.3f} "
-        f"[{lo:.3f}, {hi:.3f}]  novelty {r.novelty:.2f} {flags}".rstrip()
+        f"{path}: cluster {r.cluster}  reliability {r.reliability:.3f}{untrusted_note(r)}  "
+        f"failure p {r.failure_probability:.3f} [{lo:.3f}, {hi:.3f}]  novelty {r.novelty:.2f} {flags}".rstrip()
     )
+    for reason in r.scope_reasons:
+        print(f"    out of scope: {reason}")
+    if r.image.HasField("colour_conversion"):
+        print(
+            f"    colour converted to luminance: {r.image.colour_conversion} "
+            f"({r.image.coloured_share:.1%} coloured pixels)"
+        )
     top = ", ".join(f"{f.name} {f.z:+.1f}σ" for f in r.top_features)
     print(f"    most deviating: {top}")
     print(
@@ -120,7 +128,7 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
     latencies: list[float] = []
     clusters: Counter[int] = Counter()
     errors: Counter[str] = Counter()
-    novel = blind = 0
+    novel = blind = untrusted = out_of_scope = 0
     start = time.perf_counter()
     bar = tqdm(total=len(paths), desc="replay", unit="img", disable=True if args.no_progress else None)
     with connect(args) as client:
@@ -138,6 +146,8 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
                     continue
                 clusters[r.cluster] += 1
                 novel += r.is_novel
+                untrusted += not r.trusted
+                out_of_scope += r.out_of_scope
                 blind += r.in_blind_spot
         except grpc.RpcError as exc:
             bar.close()
@@ -160,6 +170,8 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
         "latency_p99_seconds": _percentile(latencies, 99),
         "clusters": {str(k): v for k, v in sorted(clusters.items())},
         "novel": novel,
+        "out_of_scope": out_of_scope,
+        "untrusted": untrusted,
         "blind_spot": blind,
     }
     if args.json:
@@ -175,7 +187,7 @@ def _cmd_client_replay(args: argparse.Namespace) -> int:
             f"p99 {summary['latency_p99_seconds'] * 1e3:.1f} ms"
         )
         print("clusters: " + ", ".join(f"{k}: {v}" for k, v in summary["clusters"].items()))
-        print(f"novel {novel}, in a blind spot {blind}")
+        print(f"novel {novel}, out of scope {out_of_scope}, not trusted {untrusted}, in a blind spot {blind}")
     return EXIT_OK if summary["errors"] == 0 else EXIT_PARTIAL
 
 

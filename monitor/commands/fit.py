@@ -8,7 +8,7 @@ from typing import Any
 
 from ..defaults import EXIT_OK, EXIT_PARTIAL
 from ..errors import InvalidInputError
-from .output import add_command, print_cluster_table, print_json
+from .output import add_command, print_cluster_table, print_json, print_scope
 
 __all__ = ["register"]
 
@@ -38,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         strict=args.strict,
         progress=not args.json and sys.stderr.isatty() or args.progress,
+        scope_overrides=_scope_overrides(args),
     )
     m = report.model
     rates = m.rates.to_json()
@@ -60,6 +61,7 @@ def _run(args: argparse.Namespace) -> int:
                 "g_test_p": rates["g_test_p"],
                 "cramers_v": rates["cramers_v"],
                 "clusters": rates["clusters"],
+                "scope": m.scope.to_json(),
             }
         )
     else:
@@ -74,7 +76,17 @@ def _run(args: argparse.Namespace) -> int:
             f"Cramér's V {rates['cramers_v']:.3f}"
         )
         print_cluster_table(rates["clusters"])
+        print_scope(m.scope.to_json())
     return EXIT_PARTIAL if report.errors else EXIT_OK
+
+
+def _scope_overrides(args: argparse.Namespace) -> dict[str, str]:
+    given = {
+        "modalities": args.scope_modalities,
+        "body_parts": args.scope_body_parts,
+        "view_positions": args.scope_view_positions,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def register(sub: Any) -> None:
@@ -122,4 +134,16 @@ def register(sub: Any) -> None:
     p.add_argument("--strict", action="store_true", help="abort if any image fails to load")
     p.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
     p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
+    for flag, what, default in (
+        ("--scope-modalities", "(0008,0060) Modality", "CR, DR, DX, RG"),
+        ("--scope-body-parts", "(0018,0015) Body Part Examined", "CHEST, LUNG, THORAX"),
+        ("--scope-view-positions", "(0018,5101) View Position", "AP, PA, LL, RL, LAT, LATERAL..."),
+    ):
+        p.add_argument(
+            flag,
+            default=None,
+            metavar="LIST",
+            help=f"comma-separated {what} values the model covers, or * for any "
+            f"(default: {default} plus the fit set's)",
+        )
     p.set_defaults(func=_run)

@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from ..defaults import EXIT_OK, default_model_dir
-from .output import add_command, print_cluster_table, print_json
+from .output import add_command, print_cluster_table, print_json, print_scope
 
 __all__ = ["register"]
 
@@ -27,6 +27,7 @@ def _run(args: argparse.Namespace) -> int:
         "cramers_v": rates["cramers_v"],
         "blind_spots": [r["cluster"] for r in rates["clusters"] if r["blind_spot"]],
         "clusters": rates["clusters"],
+        "scope": m.scope.to_json(),
     }
     if args.json:
         print_json(info)
@@ -37,6 +38,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"task: {task}")
         print(f"{m.n_clusters} clusters; global failure rate {rates['global_rate']:.3f}")
         print_cluster_table(rates["clusters"])
+        print_scope(m.scope.to_json())
     return EXIT_OK
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "no_images_message",
     "print_cluster_table",
     "print_json",
+    "print_scope",
+    "untrusted_note",
 ]
 
 
@@ -78,6 +80,24 @@ def add_command(
         epilog=textwrap.dedent(epilog).strip() or None,
         formatter_class=formatter,
     )
+
+
+def untrusted_note(r: Any) -> str:
+    """Why a result's reliability is not a point value (empty when trusted); ``r`` is a
+    ScoreResult or a ScoreResponse."""
+    if r.trusted:
+        return ""
+    why = [r.scope_field.replace("_", " ") + " out of scope"] if r.out_of_scope else []
+    if r.is_novel:
+        why.append("novel")
+    return f" (not trusted: {', '.join(why)}; lower end of its interval)"
+
+
+def print_scope(scope: dict[str, list[str] | None]) -> None:
+    """A model's scope (``ScopeRules.to_json()``) as text."""
+    print("scope (DICOM headers outside it are scored as out of scope and not trusted):")
+    for name, values in scope.items():
+        print(f"  {name.replace('_', ' '):15s} {'any' if values is None else ', '.join(values)}")
 
 
 def print_cluster_table(rows: list[dict]) -> None:

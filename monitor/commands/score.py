@@ -11,7 +11,7 @@ from typing import Any
 
 from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, default_model_dir
 from ..errors import InvalidInputError, MonitorError
-from .output import add_command, expand_paths, no_images_message, print_json
+from .output import add_command, expand_paths, no_images_message, print_json, untrusted_note
 
 __all__ = ["register"]
 
@@ -64,12 +64,20 @@ def _cmd_score(args: argparse.Namespace) -> int:
             print_json({"image": str(path), **r.to_dict(), "metadata": s.meta.to_dict()})
         else:
             lo, hi = r.failure_interval
-            flags = " ".join(f for f, on in (("NOVEL", r.is_novel), ("BLIND-SPOT", r.in_blind_spot)) if on)
+            marks = (("NOVEL", r.is_novel), ("OUT-OF-SCOPE", r.out_of_scope), ("BLIND-SPOT", r.in_blind_spot))
+            flags = " ".join(f for f, on in marks if on)
             top = ", ".join(f"{n} {z:+.1f}σ" for n, z in r.top_features)
             print(
-                f"{path}: cluster {r.cluster}  reliability {r.reliability:.3f}  "
+                f"{path}: cluster {r.cluster}  reliability {r.reliability:.3f}{untrusted_note(r)}  "
                 f"failure p {r.failure_probability:.3f} [{lo:.3f}, {hi:.3f}]  novelty {r.novelty:.2f} {flags}"
             )
+            for reason in r.scope_reasons:
+                print(f"    out of scope: {reason}")
+            if s.meta.colour_conversion:
+                print(
+                    f"    colour converted to luminance: {s.meta.colour_conversion} "
+                    f"({s.meta.coloured_share:.1%} coloured pixels)"
+                )
             print(f"    most deviating: {top}")
 
     return _score_paths(args, emit)[2]
@@ -91,8 +99,9 @@ def _cmd_drift(args: argparse.Namespace) -> int:
             f"  PSI {report.psi:.3f}  JS distance {report.js_distance:.3f}  chi-square p {report.chi2_p:.3g}"
         )
         print(
-            f"  novelty rate {report.novelty_rate:.3f}  estimated failure rate "
-            f"{report.estimated_failure_rate:.3f} (reference {report.reference_failure_rate:.3f})"
+            f"  novelty rate {report.novelty_rate:.3f}  out-of-scope rate {report.out_of_scope_rate:.3f}  "
+            f"estimated failure rate {report.estimated_failure_rate:.3f} "
+            f"(reference {report.reference_failure_rate:.3f})"
         )
         print(
             "  most shifted features: " + ", ".join(f"{n} {z:+.2f}σ" for n, z in report.top_shifted_features)
@@ -111,6 +120,12 @@ def register(sub: Any) -> None:
             novelty (share of reference images more typical) and the features that
             deviate most from its cluster. With --scores, the classifier's own score is
             calibrated within the image's cluster and combined into the reliability.
+
+            Read `trusted` with the reliability: a novel image, or a DICOM whose header
+            says it is not a chest radiograph the model covers (out of scope: Modality,
+            Body Part Examined or View Position outside the model's lists, see `info`),
+            is not trusted; its interval is [0, 1] and its reliability the lower end of
+            its interval (0), never a typical image's value.
             """,
             _cmd_score,
         ),

@@ -161,6 +161,9 @@ class ImageMetadata(_message.Message):
         "manufacturer_model_name",
         "view_position",
         "pixel_spacing_mm",
+        "body_part_examined",
+        "colour_conversion",
+        "coloured_share",
     )
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
@@ -174,6 +177,9 @@ class ImageMetadata(_message.Message):
     MANUFACTURER_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VIEW_POSITION_FIELD_NUMBER: _ClassVar[int]
     PIXEL_SPACING_MM_FIELD_NUMBER: _ClassVar[int]
+    BODY_PART_EXAMINED_FIELD_NUMBER: _ClassVar[int]
+    COLOUR_CONVERSION_FIELD_NUMBER: _ClassVar[int]
+    COLOURED_SHARE_FIELD_NUMBER: _ClassVar[int]
     source: str
     format: str
     rows: int
@@ -186,6 +192,9 @@ class ImageMetadata(_message.Message):
     manufacturer_model_name: str
     view_position: str
     pixel_spacing_mm: float
+    body_part_examined: str
+    colour_conversion: str
+    coloured_share: float
     def __init__(
         self,
         source: _Optional[str] = ...,
@@ -200,6 +209,9 @@ class ImageMetadata(_message.Message):
         manufacturer_model_name: _Optional[str] = ...,
         view_position: _Optional[str] = ...,
         pixel_spacing_mm: _Optional[float] = ...,
+        body_part_examined: _Optional[str] = ...,
+        colour_conversion: _Optional[str] = ...,
+        coloured_share: _Optional[float] = ...,
     ) -> None: ...
 
 class ScoreResponse(_message.Message):
@@ -224,6 +236,10 @@ class ScoreResponse(_message.Message):
         "spec_version",
         "timings",
         "image",
+        "trusted",
+        "out_of_scope",
+        "scope_reasons",
+        "scope_field",
     )
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
@@ -245,6 +261,10 @@ class ScoreResponse(_message.Message):
     SPEC_VERSION_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
+    TRUSTED_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_REASONS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     error: Status
     cluster: int
@@ -265,6 +285,10 @@ class ScoreResponse(_message.Message):
     spec_version: str
     timings: Timings
     image: ImageMetadata
+    trusted: bool
+    out_of_scope: bool
+    scope_reasons: _containers.RepeatedScalarFieldContainer[str]
+    scope_field: str
     def __init__(
         self,
         request_id: _Optional[str] = ...,
@@ -287,6 +311,10 @@ class ScoreResponse(_message.Message):
         spec_version: _Optional[str] = ...,
         timings: _Optional[_Union[Timings, _Mapping]] = ...,
         image: _Optional[_Union[ImageMetadata, _Mapping]] = ...,
+        trusted: _Optional[bool] = ...,
+        out_of_scope: _Optional[bool] = ...,
+        scope_reasons: _Optional[_Iterable[str]] = ...,
+        scope_field: _Optional[str] = ...,
     ) -> None: ...
 
 class LabelledOutcome(_message.Message):
@@ -407,17 +435,26 @@ class ClusterInfo(_message.Message):
     ) -> None: ...
 
 class DriftThresholds(_message.Message):
-    __slots__ = ("psi_min", "chi2_alpha", "novelty_rate_min", "novelty_alpha", "min_images")
+    __slots__ = (
+        "psi_min",
+        "chi2_alpha",
+        "novelty_rate_min",
+        "novelty_alpha",
+        "min_images",
+        "out_of_scope_rate_min",
+    )
     PSI_MIN_FIELD_NUMBER: _ClassVar[int]
     CHI2_ALPHA_FIELD_NUMBER: _ClassVar[int]
     NOVELTY_RATE_MIN_FIELD_NUMBER: _ClassVar[int]
     NOVELTY_ALPHA_FIELD_NUMBER: _ClassVar[int]
     MIN_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    OUT_OF_SCOPE_RATE_MIN_FIELD_NUMBER: _ClassVar[int]
     psi_min: float
     chi2_alpha: float
     novelty_rate_min: float
     novelty_alpha: float
     min_images: int
+    out_of_scope_rate_min: float
     def __init__(
         self,
         psi_min: _Optional[float] = ...,
@@ -425,6 +462,22 @@ class DriftThresholds(_message.Message):
         novelty_rate_min: _Optional[float] = ...,
         novelty_alpha: _Optional[float] = ...,
         min_images: _Optional[int] = ...,
+        out_of_scope_rate_min: _Optional[float] = ...,
+    ) -> None: ...
+
+class Scope(_message.Message):
+    __slots__ = ("modalities", "body_parts", "view_positions")
+    MODALITIES_FIELD_NUMBER: _ClassVar[int]
+    BODY_PARTS_FIELD_NUMBER: _ClassVar[int]
+    VIEW_POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    modalities: _containers.RepeatedScalarFieldContainer[str]
+    body_parts: _containers.RepeatedScalarFieldContainer[str]
+    view_positions: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(
+        self,
+        modalities: _Optional[_Iterable[str]] = ...,
+        body_parts: _Optional[_Iterable[str]] = ...,
+        view_positions: _Optional[_Iterable[str]] = ...,
     ) -> None: ...
 
 class ReferenceStats(_message.Message):
@@ -470,6 +523,7 @@ class ModelInfo(_message.Message):
         "window_images",
         "window_seconds",
         "card_json",
+        "scope",
     )
     class VersionsEntry(_message.Message):
         __slots__ = ("key", "value")
@@ -499,6 +553,7 @@ class ModelInfo(_message.Message):
     WINDOW_IMAGES_FIELD_NUMBER: _ClassVar[int]
     WINDOW_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CARD_JSON_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
     model_id: str
     spec_version: str
     model_version: str
@@ -519,6 +574,7 @@ class ModelInfo(_message.Message):
     window_images: int
     window_seconds: float
     card_json: str
+    scope: Scope
     def __init__(
         self,
         model_id: _Optional[str] = ...,
@@ -541,4 +597,5 @@ class ModelInfo(_message.Message):
         window_images: _Optional[int] = ...,
         window_seconds: _Optional[float] = ...,
         card_json: _Optional[str] = ...,
+        scope: _Optional[_Union[Scope, _Mapping]] = ...,
     ) -> None: ...

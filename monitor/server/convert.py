@@ -18,6 +18,7 @@ from .. import __version__
 from ..errors import InvalidInputError, MonitorError
 from ..model import ReliabilityModel
 from ..proto import monitor_pb2 as pb
+from ..scope import ScopeRules
 from ..types import ImageMeta, ScoredImage
 
 __all__ = [
@@ -272,6 +273,10 @@ def scored_to_response(
             total_seconds=total_seconds,
         ),  # fmt: skip
         image=_meta(scored.meta),
+        trusted=r.trusted,
+        out_of_scope=r.out_of_scope,
+        scope_reasons=list(r.scope_reasons),
+        scope_field=r.scope_field,
     )
 
 
@@ -329,8 +334,13 @@ def model_info(
     tallies: list[tuple[int, int, float]],
     window_images: int,
     window_seconds: float,
+    scope: ScopeRules | None = None,
 ) -> pb.ModelInfo:
-    """The model card as a ModelInfo message, with the outcomes reported so far per cluster."""
+    """The model card as a ModelInfo message, with the outcomes reported so far per cluster.
+
+    ``scope`` is the scope the server applies (default: the model's).
+    """
+    applied = (scope if scope is not None else model.scope).to_json()
     rates = model.rates.to_json()
     spec = model.profiler.spec()
     th = model.drift_thresholds
@@ -373,6 +383,7 @@ def model_info(
             novelty_rate_min=th.novelty_rate_min,
             novelty_alpha=th.novelty_alpha,
             min_images=int(th.min_images),
+            out_of_scope_rate_min=th.out_of_scope_rate_min,
         ),  # fmt: skip
         feature_names=list(model.feature_names),
         working_size=spec["working_size"],
@@ -381,6 +392,7 @@ def model_info(
         window_images=window_images,
         window_seconds=window_seconds,
         card_json=json.dumps(model.card, sort_keys=True, default=_json_default),
+        scope=pb.Scope(**{k: v or [] for k, v in applied.items()}),
     )
     if description.threshold is not None:
         info.threshold = description.threshold

@@ -207,7 +207,12 @@ class RequestHandler:
         assert self.outcomes is not None and self.description is not None
         s = self.settings
         return convert.model_info(
-            engine.model, self.description, self.outcomes.tallies(), s.window_images, s.window_seconds
+            engine.model,
+            self.description,
+            self.outcomes.tallies(),
+            s.window_images,
+            s.window_seconds,
+            scope=engine.scope,
         )
 
     # ------------------------------------------------------------------ work (on the pool)

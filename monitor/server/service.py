@@ -216,7 +216,8 @@ def build_server(
 
 
 def build_engine(settings: Settings) -> Engine:
-    """The engine ``serve`` runs: the model of ``settings.model`` with the server's decoding settings.
+    """The engine ``serve`` runs: the model of ``settings.model`` with the server's decoding and
+    scope settings.
 
     The caller closes it (:meth:`Engine.close`) after the server has stopped.
     """
@@ -229,4 +230,5 @@ def build_engine(settings: Settings) -> Engine:
         # Decoder processes log like the server (format, level, warnings as records): they share
         # its stderr, and raw warning lines would break a JSON log.
         decoder_setup=functools.partial(configure_logging, settings.log_format, settings.log_level),
+        scope_overrides=settings.scope_overrides,
     )

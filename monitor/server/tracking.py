@@ -112,7 +112,9 @@ class _TrackedWindow:
 
     def add(self, now: float, request_id: str, scored: ScoredImage) -> None:
         r = scored.result
-        self.window.add(now, r.cluster, r.is_novel, r.cluster_failure_probability, scored.z_profile)
+        self.window.add(
+            now, r.cluster, r.is_novel, r.cluster_failure_probability, scored.z_profile, r.scope_field
+        )
         slot = _Slot(now, request_id)
         self.slots.append(slot)
         self.by_id[request_id] = slot
