@@ -12,7 +12,9 @@ The rule (measured in ``benchmarks/colour_tolerance.py``, results in
 1. chroma of each pixel: the (Cb, Cr) vector of JPEG's full-range BT.601 transform;
 2. tint: per luminance bin (32 bins), the median chroma; a tint must keep one hue
    (bins with a visible tint within :data:`TINT_HUE_SPREAD_DEGREES` of their common hue);
-3. coloured pixels: chroma farther than :data:`NOISE_LEVEL` from the tint of their bin;
+3. coloured pixels: chroma farther than :data:`NOISE_LEVEL` from the tint of their bin (and
+   from the tint of their 3x3 neighbourhood's darkest and brightest pixel: JPEG keeps chroma
+   at half resolution, so at edges a pixel carries its neighbours' tint);
 4. accepted when at most :data:`MAX_COLOURED_SHARE` of the pixels are coloured; the image
    becomes its BT.601 luminance ``0.299 R + 0.587 G + 0.114 B`` (a grey JPEG's Y channel).
 
@@ -25,6 +27,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage
 
 __all__ = [
     "COLOUR_KINDS",
@@ -123,13 +126,20 @@ def _full_scale(rgb: np.ndarray) -> tuple[float, float]:
     return lo, max(hi - lo, 1e-12)
 
 
-def assess_colour(rgb: np.ndarray) -> ColourAssessment:
+def assess_colour(
+    rgb: np.ndarray, lum: np.ndarray | None = None, *, noise_level: float = NOISE_LEVEL
+) -> ColourAssessment:
     """Decide whether an RGB image is grey up to noise, a tint or small overlays.
 
     Parameters
     ----------
     rgb : ndarray of shape (rows, columns, 3)
         Any integer or float dtype; assumed finite (the caller checks values afterwards).
+    lum : ndarray of shape (rows, columns), optional
+        ``luminance(rgb)`` if the caller has it already.
+    noise_level : float
+        Chroma distance from the tint (8-bit levels) below which a pixel is grey; the
+        default is the measured :data:`NOISE_LEVEL` (other values are for measuring it).
 
     Returns
     -------
@@ -139,16 +149,25 @@ def assess_colour(rgb: np.ndarray) -> ColourAssessment:
     step = max(1, math.ceil(math.sqrt(rows * columns / _SAMPLE_PIXELS)))
     sample = rgb[::step, ::step].reshape(-1, 3).astype(np.float32)
     offset, full = _full_scale(rgb)
-    sample = (sample - np.float32(offset)) * np.float32(255.0 / full)
+    to_levels = np.float32(255.0 / full)
+    sample = (sample - np.float32(offset)) * to_levels
     y = sample @ _Y
     chroma = np.stack([sample @ _CB, sample @ _CR], axis=1)
     del sample
 
-    bins = np.clip((y * (_BINS / 256.0)).astype(np.intp), 0, _BINS - 1)
+    bins = _bin(y)
     tint, counts, hue_spread = _tint_by_bin(bins, chroma)
     tint_chroma = float(np.hypot(tint[:, 0], tint[:, 1]).max())
-    residual = chroma - tint[bins]
-    coloured = np.einsum("ij,ij->i", residual, residual) > NOISE_LEVEL**2
+    # JPEG stores chroma at half resolution, so at an edge of a tinted image a pixel carries the
+    # tint of its neighbours' brightness: compare with the tint at the darkest and brightest
+    # pixel of its 3x3 neighbourhood too, and count it as coloured only if it is far from all.
+    if lum is None:
+        lum = luminance(rgb)
+    near = [bins]
+    for extreme in (ndimage.minimum_filter, ndimage.maximum_filter):
+        near.append(_bin((extreme(lum, size=3)[::step, ::step].ravel() - np.float32(offset)) * to_levels))
+    dist2 = np.min([np.einsum("ij,ij->i", chroma - tint[b], chroma - tint[b]) for b in near], axis=0)
+    coloured = dist2 > noise_level**2
     share = float(coloured.mean())
 
     common = {"coloured_share": share, "tint_chroma": tint_chroma, "hue_spread": hue_spread}
@@ -173,6 +192,11 @@ def assess_colour(rgb: np.ndarray) -> ColourAssessment:
     else:
         kind = "noise"
     return ColourAssessment(kind=kind, **common)
+
+
+def _bin(y: np.ndarray) -> np.ndarray:
+    """Luminance bin of 8-bit-level luminance values."""
+    return np.clip((y * (_BINS / 256.0)).astype(np.intp), 0, _BINS - 1)
 
 
 def _tint_by_bin(bins: np.ndarray, chroma: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:

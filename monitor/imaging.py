@@ -375,12 +375,13 @@ def _one_channel(arr: np.ndarray, name: str, n_colour: int) -> tuple[np.ndarray,
         return first, None
     rgb = arr[..., :3]
     with np.errstate(invalid="ignore", over="ignore"):  # NaN or inf: reported by _finish
-        verdict = assess_colour(rgb)
+        grey = luminance(rgb)
+        verdict = assess_colour(rgb, grey)
     if not verdict.accepted:
         raise UnsupportedImageError(
             f"{name}: colour image is not supported ({verdict.reason}; a chest radiograph must be grey)"
         )
-    return luminance(rgb), verdict
+    return grey, verdict
 
 
 def _colour_fields(verdict: ColourAssessment | None) -> dict[str, Any]:

@@ -89,9 +89,11 @@ def test_score_default_model_json(data_dir: Path, capsys: pytest.CaptureFixture[
     for o in objs:
         for key in ("image", "cluster", "reliability", "failure_probability", "novelty", "is_novel"):
             assert key in o
-        assert o["reliability"] == pytest.approx(1 - o["failure_probability"])
         lo, hi = o["failure_interval"]
         assert 0 <= lo <= hi <= 1
+        # Trusted: the point value; novel or out of scope: the lower end of its interval.
+        assert o["reliability"] == pytest.approx(1 - o["failure_probability"] if o["trusted"] else 1 - hi)
+        assert o["trusted"] == (not o["is_novel"] and not o["out_of_scope"])
 
 
 def test_drift_on_kermany_against_nih_model(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -187,6 +187,8 @@ def test_html_states_the_models_numbers(model: ReliabilityModel, html_text: str)
     assert model.model_id in summary and "Spectral profile spec" in summary
     assert "synthetic &lt;task&gt;" in summary  # card text is escaped
     assert "scikit-learn" in summary  # library versions
+    assert "Scope (DICOM headers)" in summary and "modalities: CR, DR, DX, RG" in summary
+    assert "not trusted" in summary
     rates = _section(html_text, "rates")
     rows = re.findall(r"<tr( class=\"\w+\")?>(.*?)</tr>", rates, flags=re.S)[1:]
     assert len(rows) == 3

@@ -181,6 +181,17 @@ def _summary_rows(
     )
     blind = [r["cluster"] for r in rates["clusters"] if r["blind_spot"]]
     rows.append(("Blind spots", ", ".join(f"cluster {c}" for c in blind) if blind else "none"))
+    scope = model.scope.to_json()
+    rows.append(
+        (
+            "Scope (DICOM headers)",
+            "; ".join(
+                f"{name.replace('_', ' ')}: {'any' if values is None else ', '.join(values)}"
+                for name, values in scope.items()
+            )
+            + ". Images outside it, and novel images, are scored as not trusted.",
+        )
+    )
     versions = card.get("versions") or {}
     if versions:
         rows.append(("Fitted with", ", ".join(f"{a} {b}" for a, b in versions.items())))
@@ -440,6 +451,10 @@ _HOW_TO_READ = [
     "rate when the cluster is small; new images that land in a cluster inherit its rate.",
     "A blind spot is a cluster whose whole 95% interval lies above the global failure rate. Fisher q is "
     "the Benjamini-Hochberg adjusted p-value of the cluster against the rest.",
+    "A new image is trusted when it is not novel and its DICOM header (if any) puts it in the model's "
+    "scope (modality, body part, view). For an untrusted image the rates above do not apply: its failure "
+    "interval is [0, 1] and its reliability is reported as the lower end of its interval (0), never a "
+    "typical image's value.",
     "The reference is the whole fit set. Energy changes compare geometric-mean energies: +40% means the "
     "cluster's images hold 40% more of their energy in that range than the fit set's average image. SD = "
     "standard deviation of the feature over the fit set.",
