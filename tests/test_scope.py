@@ -23,8 +23,9 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from monitor.artifact import load_model, save_model
-from monitor.cli import default_model_dir, main
+from monitor.cli import main
 from monitor.client import ReliabilityClient
+from monitor.defaults import default_model_dir
 from monitor.drift import SlidingWindow, WindowStats, drift_report
 from monitor.engine import Engine
 from monitor.errors import InvalidInputError
@@ -170,7 +171,7 @@ def test_untrusted_reliability_is_the_lower_end_of_its_interval(engine: Engine) 
 @pytest.mark.parametrize("kind", sorted(OUT_OF_SCOPE))
 def test_engine_flags_out_of_scope_dicoms(engine: Engine, kind: str) -> None:
     modality, body_part, view, shape = OUT_OF_SCOPE[kind]
-    scored = engine.score_bytes(dicom_bytes(_phantom(shape), modality, body_part, view), name=kind)
+    scored = engine.score(dicom_bytes(_phantom(shape), modality, body_part, view), name=kind)
     r = scored.result
     assert r.out_of_scope and not r.trusted
     assert r.scope_field == FIELD[kind]
@@ -181,8 +182,8 @@ def test_engine_flags_out_of_scope_dicoms(engine: Engine, kind: str) -> None:
 
 def test_same_pixels_in_and_out_of_scope(engine: Engine, chest_pixels: np.ndarray) -> None:
     """The issue's ultrasound case: typical pixels (not novel) but a US header."""
-    chest = engine.score_bytes(dicom_bytes(chest_pixels, "CR", "CHEST", "PA"), name="chest")
-    us = engine.score_bytes(dicom_bytes(chest_pixels, "US", None, None), name="us")
+    chest = engine.score(dicom_bytes(chest_pixels, "CR", "CHEST", "PA"), name="chest")
+    us = engine.score(dicom_bytes(chest_pixels, "US", None, None), name="us")
     assert not chest.result.is_novel and chest.result.trusted
     assert chest.result.reliability == pytest.approx(1 - chest.result.failure_probability)
     assert not us.result.is_novel and us.result.out_of_scope and not us.result.trusted
@@ -190,7 +191,7 @@ def test_same_pixels_in_and_out_of_scope(engine: Engine, chest_pixels: np.ndarra
     assert us.result.reliability == 0.0 < chest.result.reliability
     # A serve-time override puts it back in scope.
     loose = Engine(engine.model, scope_overrides={"modalities": "*"})
-    assert loose.score_bytes(dicom_bytes(chest_pixels, "US", None, None)).result.trusted
+    assert loose.score(dicom_bytes(chest_pixels, "US", None, None)).result.trusted
 
 
 # --------------------------------------------------------------------------- drift component
@@ -263,7 +264,7 @@ def test_grpc_out_of_scope_and_colour_conversion(sidecar: tuple) -> None:
 
 
 def _encoded(data: bytes, name: str = "") -> object:
-    from monitor.server._generated import monitor_pb2 as pb
+    from monitor.proto import monitor_pb2 as pb
 
     return pb.ScoreRequest(encoded=pb.EncodedImage(data=data, name=name))
 
