@@ -31,7 +31,7 @@ from monitor.colour import MAX_COLOURED_SHARE, NOISE_LEVEL, assess_colour  # noq
 from monitor.errors import UnsupportedImageError  # noqa: E402
 from monitor.imaging import load_bytes  # noqa: E402
 
-LEVELS = (4.0, 8.0, 12.0, 16.0, 24.0)
+LEVELS = (8.0, 12.0, 16.0)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -10,15 +10,16 @@ The rule (measured in ``benchmarks/colour_tolerance.py``, results in
 ``benchmarks/results/colour_tolerance.md``), in 8-bit JPEG YCbCr levels:
 
 1. chroma of each pixel: the (Cb, Cr) vector of JPEG's full-range BT.601 transform;
-2. tint: per luminance bin (32 bins), the median chroma; a tint must keep one hue
-   (bins with a visible tint within :data:`TINT_HUE_SPREAD_DEGREES` of their common hue);
+2. tint: per luminance bin (32 bins), the median chroma; a tint must keep one hue (bins
+   with a visible tint within :data:`TINT_HUE_SPREAD_DEGREES` of their common hue) and cover
+   most of the visibly coloured bins and at least 10% of the pixels;
 3. coloured pixels: chroma farther than :data:`NOISE_LEVEL` from the tint of their bin (and
    from the tint of their 3x3 neighbourhood's darkest and brightest pixel: JPEG keeps chroma
    at half resolution, so at edges a pixel carries its neighbours' tint);
 4. accepted when at most :data:`MAX_COLOURED_SHARE` of the pixels are coloured; the image
    becomes its BT.601 luminance ``0.299 R + 0.587 G + 0.114 B`` (a grey JPEG's Y channel).
 
-Pure numpy; used by :mod:`monitor.imaging`.
+numpy and scipy.ndimage only; used by :mod:`monitor.imaging`.
 """
 
 from __future__ import annotations
@@ -31,12 +32,12 @@ from scipy import ndimage
 
 __all__ = [
     "COLOUR_KINDS",
+    "ColourAssessment",
     "MAX_COLOURED_SHARE",
     "NOISE_LEVEL",
     "OVERLAY_MIN_SHARE",
     "TINT_HUE_SPREAD_DEGREES",
     "TINT_LEVEL",
-    "ColourAssessment",
     "assess_colour",
     "luminance",
 ]
@@ -51,7 +52,8 @@ MAX_COLOURED_SHARE = 0.05
 """Largest share of coloured pixels (overlays: arrows, text, a UI bar) converted to grey."""
 
 OVERLAY_MIN_SHARE = 0.001
-"""Coloured share above which a conversion is reported as removing an overlay (below: noise)."""
+"""Coloured share above which a conversion is reported as removing an overlay (below: a tint or
+noise; the label only, the verdict does not depend on it)."""
 
 TINT_HUE_SPREAD_DEGREES = 45.0
 """Largest hue difference between a tinted bin and the tint's common hue."""

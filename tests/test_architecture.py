@@ -15,6 +15,8 @@ CORE = (
     "errors",
     "types",
     "imaging",
+    "colour",
+    "scope",
     "spectrum",
     "clustering",
     "reliability",
