@@ -247,6 +247,7 @@ class Engine:
             meta=meta,
             z_profile=z,
             timings={**spent, "score": time.perf_counter() - t0},
+            profile=row[0],
         )
 
     # ------------------------------------------------------------------ drift

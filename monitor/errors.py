@@ -14,6 +14,7 @@ __all__ = [
     "InvalidInputError",
     "MonitorError",
     "NotFittedError",
+    "StoreError",
     "UnsupportedImageError",
 ]
 
@@ -25,7 +26,7 @@ class MonitorError(Exception):
     ----------
     code : str
         Transport-neutral category: ``"invalid_argument"``, ``"resource_exhausted"``,
-        ``"failed_precondition"``, ``"deadline_exceeded"`` or ``"internal"``.
+        ``"failed_precondition"``, ``"deadline_exceeded"``, ``"unavailable"`` or ``"internal"``.
     """
 
     code = "internal"
@@ -67,3 +68,9 @@ class DeadlineExceededError(MonitorError):
     """The caller's deadline passed before the work could be done."""
 
     code = "deadline_exceeded"
+
+
+class StoreError(MonitorError):
+    """The outcome store cannot be opened, read or written (disk full, wrong file, stalled disk)."""
+
+    code = "unavailable"

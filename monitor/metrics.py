@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .colour import COLOUR_KINDS
@@ -38,6 +38,7 @@ __all__ = [
     "DRIFT_GAUGES",
     "PREFIX",
     "RATIO_BUCKETS",
+    "STORE_COUNTERS",
     "MonitorMetrics",
     "WindowSnapshot",
 ]
@@ -115,6 +116,39 @@ class _DriftCollector(Collector):
             for window, snap in windows.items():
                 family.add_metric([window], snap.value(attribute))
             yield family
+
+
+#: Outcome store counter name (without prefix and ``_total``) → (help, ``stats()`` key).
+STORE_COUNTERS: dict[str, tuple[str, str]] = {
+    "store_predictions_written": ("Scored requests committed to the outcome store.", "predictions"),
+    "store_outcomes_written": ("Outcomes committed to the outcome store.", "outcomes"),
+    "store_predictions_dropped": (
+        "Scored requests not stored because the store's queue stayed full (their outcomes cannot be "
+        "reported durably).",
+        "dropped",
+    ),
+    "store_write_errors": ("Outcome store transactions that failed (each logged at ERROR).", "errors"),
+    "store_pruned_rows": ("Rows deleted from the outcome store by the retention limits.", "pruned"),
+}
+
+
+class _StoreCollector(Collector):
+    """The outcome store's counters, read from ``stats()`` at collection time."""
+
+    def __init__(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        for name, (doc, _) in STORE_COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, doc)
+        yield GaugeMetricFamily(PREFIX + "store_queue_length", "Scored requests waiting to be stored.")
+
+    def collect(self) -> Iterable[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats()
+        for name, (doc, key) in STORE_COUNTERS.items():
+            yield CounterMetricFamily(PREFIX + name, doc, value=stats[key])
+        yield GaugeMetricFamily(PREFIX + "store_queue_length", "Scored requests waiting to be stored.",
+                                value=stats["queued"])  # fmt: skip
 
 
 class MonitorMetrics:
@@ -215,6 +249,10 @@ class MonitorMetrics:
                             ["reason"], **r)  # fmt: skip
         for reason in SHED_REASONS:
             self.shed.labels(reason=reason)
+        self.model_reloads = Counter(p + "model_reloads", "Hot reloads (SIGHUP) by result: loaded, or refused "
+                                     "(the old model kept serving).", ["result"], **r)  # fmt: skip
+        for result in ("loaded", "refused"):
+            self.model_reloads.labels(result=result)
         self._drift: _DriftCollector | None = None
 
     def set_model(
@@ -227,7 +265,13 @@ class MonitorMetrics:
         reference_failure_rate: float = float("nan"),
         blind_spots: Iterable[bool] = (),
     ) -> None:
-        """Describe the loaded model and pre-initialise every per-cluster series to 0."""
+        """Describe the loaded model and pre-initialise every per-cluster series to 0.
+
+        Called again after a hot reload: the constant per-cluster gauges are replaced (the new
+        model may have fewer clusters); counters keep their series (join on ``model_id``).
+        """
+        self.reference_cluster.clear()
+        self.cluster_blind_spot.clear()
         self.info.info({"model_id": model_id, "spec_version": spec_version, "version": version})
         self.reference_failure.set(float(reference_failure_rate))
         blind = list(blind_spots)
@@ -246,6 +290,10 @@ class MonitorMetrics:
             self.registry.unregister(self._drift)
         self._drift = _DriftCollector(snapshot)
         self.registry.register(self._drift)
+
+    def watch_store(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export the outcome store's counters from ``stats()`` (called on every collection)."""
+        self.registry.register(_StoreCollector(stats))
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()

@@ -44,6 +44,8 @@ __all__ = [
     "DEFAULT_METRICS_PORT",
     "DEFAULT_OUTCOME_CACHE_SIZE",
     "DEFAULT_PORT",
+    "DEFAULT_STORE_MAX_AGE_DAYS",
+    "DEFAULT_STORE_MAX_ROWS",
     "DEFAULT_WINDOW_IMAGES",
     "DEFAULT_WINDOW_SECONDS",
     "DEFAULT_WORKERS",
@@ -67,6 +69,10 @@ DEFAULT_WINDOW_SECONDS = 300.0
 DEFAULT_MAX_CONCURRENT_RPCS = 64
 DEFAULT_GRACE_SECONDS = 8.0
 DEFAULT_OUTCOME_CACHE_SIZE = 100_000
+DEFAULT_STORE_MAX_AGE_DAYS = 365.0
+DEFAULT_STORE_MAX_ROWS = (
+    2_000_000  # ~0.8 GB: ~380 bytes a row at 31 features (benchmarks/results/store_cost.md)
+)
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_FORMATS = ("json", "text")
@@ -246,6 +252,27 @@ class Settings:
         metadata={"help": "Request ids remembered for ReportOutcome (least recently used forgotten first)."},
     )
 
+    store: str = field(
+        default="",
+        metadata={
+            "help": "SQLite file keeping every scored request (id, time, model id, cluster, probabilities, "
+            "novelty, spectral profile: no pixels, names or patient data) and each reported outcome, "
+            "committed before ReportOutcome answers; per-cluster outcome tallies and recent request ids "
+            "are restored from it on start, and `cxr-monitor refit` re-estimates failure rates from it. "
+            "Empty: outcomes are kept in memory only and lost on restart."
+        },
+    )
+
+    store_max_age_days: float = field(
+        default=DEFAULT_STORE_MAX_AGE_DAYS,
+        metadata={"help": "Stored requests older than this many days are deleted (checked every minute)."},
+    )
+
+    store_max_rows: int = field(
+        default=DEFAULT_STORE_MAX_ROWS,
+        metadata={"help": "Most stored requests kept; the oldest are deleted first (checked every minute)."},
+    )
+
     log_format: str = field(
         default=DEFAULT_LOG_FORMAT,
         metadata={
@@ -298,16 +325,16 @@ class Settings:
         object.__setattr__(self, "log_format", self.log_format.lower())
         object.__setattr__(self, "log_level", self.log_level.upper())
         for name in ("workers", "fft_threads", "window_images", "max_message_bytes", "max_pixels",
-                     "max_concurrent_rpcs", "outcome_cache_size"):  # fmt: skip
+                     "max_concurrent_rpcs", "outcome_cache_size", "store_max_rows"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.memory_budget_bytes < 0:
             raise InvalidInputError(
                 f"setting memory_budget_bytes must be >= 0, got {self.memory_budget_bytes}"
             )
-        for name in ("window_seconds", "grace_seconds", "decode_timeout"):
+        for name in ("window_seconds", "grace_seconds", "decode_timeout", "store_max_age_days"):
             if not getattr(self, name) > 0:
-                raise InvalidInputError(f"setting {name} must be > 0 seconds, got {getattr(self, name)}")
+                raise InvalidInputError(f"setting {name} must be > 0, got {getattr(self, name)}")
         object.__setattr__(
             self, "decode_processes", _count_or_auto("decode_processes", self.decode_processes)
         )

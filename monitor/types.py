@@ -134,9 +134,12 @@ class ScoredImage:
     z_profile : ndarray of shape (n_features,)
         The profile in reference standard deviations (feeds drift windows).
     timings : seconds spent in ``decode``, ``profile`` and ``score``.
+    profile : ndarray of shape (n_features,), dtype=float64, optional
+        The raw spectral profile (what the outcome store keeps for refitting).
     """
 
     result: ScoreResult
     meta: ImageMeta
     z_profile: np.ndarray
     timings: dict[str, float]
+    profile: np.ndarray | None = None

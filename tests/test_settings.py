@@ -165,7 +165,7 @@ def test_bad_security_settings_name_the_setting(env: dict[str, str], message: st
         ({"CXR_MONITOR_WORKERS": "0"}, "setting workers must be >= 1, got 0"),
         ({"CXR_MONITOR_PORT": "70000"}, "setting port must be in 0..65535, got 70000"),
         ({"CXR_MONITOR_LOG_FORMAT": "xml"}, "setting log_format must be one of ('json', 'text'), got 'xml'"),
-        ({"CXR_MONITOR_GRACE_SECONDS": "0"}, "setting grace_seconds must be > 0 seconds, got 0.0"),
+        ({"CXR_MONITOR_GRACE_SECONDS": "0"}, "setting grace_seconds must be > 0, got 0.0"),
         (
             {"CXR_MONITOR_DECODE_PROCESSES": "many"},
             "setting decode_processes must be 'auto' or a whole number >= 0, got 'many'",

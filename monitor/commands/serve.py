@@ -37,12 +37,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     log.info("starting", extra={"settings": settings.to_dict()})
 
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, frame: Any) -> None:
         log.info("received %s", signal.Signals(signum).name)
-        stop.set()
+        (reload if signum == signal.SIGHUP else stop).set()
 
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+    previous = {s: signal.signal(s, on_signal) for s in signals}
     try:
         server, _ = build_server(settings)
         server.start()  # listening and NOT_SERVING while the model loads
@@ -51,8 +53,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             engine = build_engine(settings)
             if not stop.is_set():
                 server.attach(engine)
+                reload.clear()  # a SIGHUP while loading: the model just loaded is the current one
             while not stop.wait(0.5):
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    server.reload()  # in this thread: the signal handler only sets the event
         finally:
             server.stop(settings.grace_seconds)
             if engine is not None:
@@ -102,6 +107,18 @@ def register(sub: Any) -> None:
         from SIGTERM/SIGINT: the server then refuses new calls, lets in-flight ones
         finish within --grace-seconds and exits 0.
 
+        SIGHUP reloads --model: the new model is loaded, its manifest verified and a
+        test image scored, then it replaces the old one atomically; calls in flight
+        finish on the old model, drift windows restart empty. A model that fails is
+        refused (ERROR log line, cxr_monitor_model_reloads_total{result="refused"})
+        and the old one keeps serving.
+
+        With --store, every scored request (numbers only: no pixels, names or patient
+        data) and every outcome goes to an SQLite file; an outcome is on disk before
+        ReportOutcome answers, and a restart restores the per-cluster outcome tallies
+        and the request ids that can still be reported. `cxr-monitor refit` re-fits the
+        failure rates from that file.
+
         Each option can also be set by an environment variable (shown in brackets);
         a flag wins over the variable, the variable over the default. Logs go to
         stderr, by default as JSON lines (ts, level, logger, msg, ...).
@@ -122,6 +139,8 @@ def register(sub: Any) -> None:
           CXR_MONITOR_WORKERS=2 CXR_MONITOR_LOG_FORMAT=text cxr-monitor serve
           cxr-monitor serve --tls-cert tls.crt --tls-key tls.key --tls-client-ca ca.crt \\
               --auth-token-file /run/secrets/token --health-port 50052 --metrics-host 127.0.0.1
+          cxr-monitor serve --store /var/lib/cxr-monitor/outcomes.sqlite
+          kill -HUP <pid>      # reload the model directory
         """,
     )
     for f in fields(Settings):
@@ -135,7 +154,7 @@ def register(sub: Any) -> None:
             kwargs["choices"] = ("json", "text")
         metavar = {"model": "MODEL_DIR", "host": "HOST", "metrics_host": "HOST", "decode_processes": "N|auto",
                    "tls_cert": "PEM", "tls_key": "PEM", "tls_client_ca": "PEM", "auth_token_file": "FILE",
-                   "outcome_token_file": "FILE"}.get(f.name)  # fmt: skip
+                   "outcome_token_file": "FILE", "store": "FILE"}.get(f.name)  # fmt: skip
         if metavar:
             kwargs["metavar"] = metavar
         help_text = f.metadata["help"].replace("``", "").replace("%", "%%")

@@ -1,5 +1,10 @@
 """What each RPC does, in protobuf terms: admission, scoring on the worker pool (the engine
-does the whole per-image path), drift windows, the outcome log and per-image metrics.
+does the whole per-image path), drift windows, the outcome log (and its durable store) and
+per-image metrics.
+
+The served model and its state (drift windows, outcome log) are one :class:`Serving`
+replaced in one assignment by :meth:`RequestHandler.swap` (hot reload): each call reads
+it once, so a call in flight during a swap finishes on the model it started with.
 
 The servicer (``servicer.py``) only adds status-code mapping, request metrics and
 logging around these methods.
@@ -15,7 +20,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import numpy as np
@@ -25,12 +30,13 @@ from ..errors import DeadlineExceededError, InvalidInputError, MonitorError
 from ..metrics import MonitorMetrics
 from ..proto import monitor_pb2 as pb
 from ..settings import Settings
+from ..store import OutcomeStore, StoredPrediction
 from . import convert
 from .admission import AdmissionControl, OverloadedError, Pass
 from .memory import MemoryTrimmer
 from .tracking import DriftWindows, OutcomeLog, Prediction
 
-__all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD"]
+__all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD", "Serving"]
 
 log = logging.getLogger("cxr_monitor.server")
 
@@ -52,6 +58,38 @@ class _NotLoadedError(MonitorError):
     code = "failed_precondition"
 
 
+class _Calls:
+    """Scoring calls in flight on one :class:`Serving`, so a swapped-out engine is closed when idle."""
+
+    def __init__(self) -> None:
+        self._n = 0
+        self._idle = threading.Condition()
+
+    def __enter__(self) -> None:
+        with self._idle:
+            self._n += 1
+
+    def __exit__(self, *exc: object) -> None:
+        with self._idle:
+            self._n -= 1
+            self._idle.notify_all()
+
+    def wait_idle(self, timeout: float | None) -> bool:
+        with self._idle:
+            return self._idle.wait_for(lambda: self._n == 0, timeout)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A served model with the state that belongs to it (windows and outcomes are per model)."""
+
+    engine: Engine
+    description: convert.ModelDescription
+    windows: DriftWindows
+    outcomes: OutcomeLog
+    calls: _Calls = field(default_factory=_Calls)
+
+
 class RequestHandler:
     """Scores requests with an :class:`Engine` once one is attached.
 
@@ -60,37 +98,95 @@ class RequestHandler:
     settings : Settings
         ``workers`` sizes the scoring pool, ``max_concurrent_rpcs`` the admission limit.
     metrics : MonitorMetrics
+    store : OutcomeStore, optional
+        Where predictions and outcomes are kept durably (outcomes are committed before
+        ReportOutcome answers); the outcome log is restored from it on attach.
     """
 
-    def __init__(self, settings: Settings, metrics: MonitorMetrics) -> None:
+    def __init__(
+        self, settings: Settings, metrics: MonitorMetrics, store: OutcomeStore | None = None
+    ) -> None:
         self.settings = settings
         self.metrics = metrics
+        self.store = store
         # Every image, unary or streamed, is scored on this pool: one FIFO queue, `workers` images at once.
         self._pool = ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="score")
         self.trimmer = MemoryTrimmer()
         self.admission = AdmissionControl(
             settings.max_concurrent_rpcs, settings.workers, settings.memory_budget_bytes
         )
-        self.engine: Engine | None = None
-        self.description: convert.ModelDescription | None = None
-        self.windows: DriftWindows | None = None
-        self.outcomes: OutcomeLog | None = None
+        self.serving: Serving | None = None
+        # The model served before the last swap: outcomes of requests it scored are still accepted.
+        self.previous: Serving | None = None
         # Items a stream may have in flight: enough to keep every worker busy while replies are sent.
         self.stream_lookahead = 2 * settings.workers
 
     # ------------------------------------------------------------------ lifecycle
+    @property
+    def engine(self) -> Engine | None:
+        return None if self.serving is None else self.serving.engine
+
+    @property
+    def description(self) -> convert.ModelDescription | None:
+        return None if self.serving is None else self.serving.description
+
+    @property
+    def windows(self) -> DriftWindows | None:
+        return None if self.serving is None else self.serving.windows
+
+    @property
+    def outcomes(self) -> OutcomeLog | None:
+        return None if self.serving is None else self.serving.outcomes
+
     def attach(self, engine: Engine) -> None:
-        """Start serving ``engine``'s model (windows and outcome log start empty).
+        """Start serving ``engine``'s model (windows empty; outcome log from the store, if any).
 
         Each worker thread first warms the engine up (FFT plans are per thread), so that
         planning does not add to the first requests' latency.
         """
         self._warm_up(engine)
+        self.serving = self._serving_for(engine)
+
+    def swap(self, engine: Engine) -> Serving:
+        """Serve ``engine``'s model from now on (hot reload); returns the old :class:`Serving`.
+
+        The new model is warmed up and scores a synthetic image in this thread first (a
+        model that cannot score is refused before anything changes). Calls in flight finish
+        on the old model (``old.calls.wait_idle``); drift windows start empty, since they
+        compare with the model's own reference.
+
+        Raises
+        ------
+        Exception
+            The new model failed its check; the old one keeps serving.
+        """
+        old = self._current()
+        engine.warm_up()
+        n = engine.model.profiler.working_size
+        engine.score(np.random.default_rng(0).random((n, n), dtype=np.float32), name="<reload check>")
+        new = self._serving_for(engine)
+        self.previous, self.serving = old, new
+        return old
+
+    def _serving_for(self, engine: Engine) -> Serving:
         s = self.settings
-        self.windows = DriftWindows(engine, s.window_images, s.window_seconds)
-        self.outcomes = OutcomeLog(s.outcome_cache_size, engine.model.n_clusters)
-        self.description = convert.ModelDescription.of(engine.model)
-        self.engine = engine
+        model = engine.model
+        description = convert.ModelDescription.of(model)
+        outcomes = OutcomeLog(s.outcome_cache_size, model.n_clusters)
+        if self.store is not None:
+            self.store.register_model(description.model_id, model.feature_names, model.n_clusters)
+            self.store.flush()  # rows of this model still queued (a reload back to it)
+            recent = self.store.recent(description.model_id, s.outcome_cache_size)
+            outcomes.restore(
+                (
+                    (p.request_id, Prediction(p.cluster, p.failure_probability, p.cluster_failure_probability,
+                                              p.classifier_score, p.failure))
+                    for p in recent
+                ),
+                self.store.tallies(description.model_id, model.n_clusters),
+            )  # fmt: skip
+        windows = DriftWindows(engine, s.window_images, s.window_seconds)
+        return Serving(engine, description, windows, outcomes)
 
     def _warm_up(self, engine: Engine) -> None:
         n = self.settings.workers
@@ -108,10 +204,14 @@ class RequestHandler:
         self._pool.shutdown(wait=True, cancel_futures=True)
         self.trimmer.close()
 
-    def _engine(self) -> Engine:
-        if self.engine is None:
+    def _current(self) -> Serving:
+        serving = self.serving
+        if serving is None:
             raise _NotLoadedError("the model is still loading: retry when the health check reports SERVING")
-        return self.engine
+        return serving
+
+    def _engine(self) -> Engine:
+        return self._current().engine
 
     # ------------------------------------------------------------------ RPCs
     def score(self, request: pb.ScoreRequest, remaining: Remaining, started: float) -> pb.ScoreResponse:
@@ -167,30 +267,35 @@ class RequestHandler:
             stop.set()
 
     def report_outcome(self, request: pb.OutcomeRequest) -> pb.OutcomeResponse:
-        self._engine()
-        assert self.outcomes is not None and self.windows is not None and self.description is not None
+        serving = self._current()
         convert.check_outcome_request(request)
         rid = request.request_id
         if not rid:
             raise InvalidInputError("outcome: request_id is empty")
-        prediction = self.outcomes.get(rid)
+        prediction = serving.outcomes.get(rid)
+        previous = self.previous
+        if prediction is None and previous is not None:  # scored by the model before a reload
+            serving, prediction = previous, previous.outcomes.get(rid)
         if prediction is None:
+            restart = "" if self.store is not None else " or a server restart"
             raise RpcAbortError(
                 grpc.StatusCode.NOT_FOUND,
                 f"outcome: request id {rid!r} is unknown (never scored, or forgotten after "
-                f"{self.outcomes.capacity} newer requests or a server restart)",
+                f"{serving.outcomes.capacity} newer requests{restart})",
             )
-        failure = convert.outcome_failure(request, prediction.classifier_score, self.description.threshold)
+        failure = convert.outcome_failure(request, prediction.classifier_score, serving.description.threshold)
         try:
-            recorded = self.outcomes.record(rid, failure)
+            recorded = serving.outcomes.record(rid, failure)
         except KeyError:
             raise RpcAbortError(
                 grpc.StatusCode.ALREADY_EXISTS, f"outcome: already reported for request id {rid!r}"
             ) from None
         if recorded is None:  # evicted between get and record
             raise RpcAbortError(grpc.StatusCode.NOT_FOUND, f"outcome: request id {rid!r} was just forgotten")
+        if self.store is not None:
+            self._store_outcome(serving, rid, failure)
         prediction, n_outcomes, n_failures = recorded
-        self.windows.record_outcome(rid, failure)
+        serving.windows.record_outcome(rid, failure)
         self.metrics.observe_outcome(prediction.cluster, failure, prediction.cluster_failure_probability)
         return pb.OutcomeResponse(
             request_id=rid,
@@ -202,17 +307,31 @@ class RequestHandler:
             cluster_failures=n_failures,
         )
 
+    def _store_outcome(self, serving: Serving, rid: str, failure: bool) -> None:
+        """Commit an outcome already claimed in memory (so two concurrent reports cannot both
+        pass); the reply waits for the commit, and a failed commit is undone in memory."""
+        assert self.store is not None
+        try:
+            self.store.record_outcome(rid, failure)
+        except KeyError:
+            serving.outcomes.unrecord(rid)
+            raise RpcAbortError(
+                grpc.StatusCode.ALREADY_EXISTS, f"outcome: already reported for request id {rid!r}"
+            ) from None
+        except BaseException:
+            serving.outcomes.unrecord(rid)
+            raise
+
     def model_info(self) -> pb.ModelInfo:
-        engine = self._engine()
-        assert self.outcomes is not None and self.description is not None
+        serving = self._current()
         s = self.settings
         return convert.model_info(
-            engine.model,
-            self.description,
-            self.outcomes.tallies(),
+            serving.engine.model,
+            serving.description,
+            serving.outcomes.tallies(),
             s.window_images,
             s.window_seconds,
-            scope=engine.scope,
+            scope=serving.engine.scope,
         )
 
     # ------------------------------------------------------------------ work (on the pool)
@@ -276,9 +395,15 @@ class RequestHandler:
         return response
 
     def _score_one(self, work: _Work, remaining: Remaining, started: float) -> pb.ScoreResponse:
+        serving = self._current()  # read once: a hot reload does not change this call's model
+        with serving.calls:
+            return self._score_on(serving, work, remaining, started)
+
+    def _score_on(
+        self, serving: Serving, work: _Work, remaining: Remaining, started: float
+    ) -> pb.ScoreResponse:
         with work.admitted:
-            engine = self._engine()
-            assert self.windows is not None and self.outcomes is not None and self.description is not None
+            engine = serving.engine
             left = remaining()  # 0 once the caller has gone: the engine drops the work unstarted
             deadline = None if left is None else time.monotonic() + left
             if not work.admitted.start(deadline):  # waited for decode memory past the deadline
@@ -293,15 +418,20 @@ class RequestHandler:
             work.admitted.served()
         r = scored.result
         rid = work.rid
-        self.windows.add(rid, scored)
-        self.outcomes.remember(
+        serving.windows.add(rid, scored)
+        serving.outcomes.remember(
             rid,
             Prediction(
                 r.cluster, r.failure_probability, r.cluster_failure_probability, work.classifier_score
             ),
         )
+        if self.store is not None and scored.profile is not None:
+            self.store.add_prediction(
+                StoredPrediction(rid, time.time(), serving.description.model_id, r.cluster, r.failure_probability,
+                                 r.cluster_failure_probability, r.novelty, work.classifier_score, scored.profile)
+            )  # fmt: skip
         self.metrics.observe_scored(scored)
-        return convert.scored_to_response(scored, rid, self.description, time.perf_counter() - started)
+        return convert.scored_to_response(scored, rid, serving.description, time.perf_counter() - started)
 
 
 @dataclass(frozen=True)

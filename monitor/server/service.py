@@ -3,14 +3,19 @@
 Health (``grpc.health.v1``) is NOT_SERVING for ``""`` and ``cxrmonitor.v1.ReliabilityMonitor``
 until a model is attached, SERVING after, and NOT_SERVING again from the start of
 shutdown. :meth:`MonitorServer.stop` stops accepting RPCs, lets in-flight ones finish
-within the grace period, then stops the metrics server and the scoring pool.
+within the grace period, then stops the metrics server, the scoring pool and the
+outcome store. :meth:`MonitorServer.reload` swaps in a new model while serving.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
+import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -23,7 +28,8 @@ from ..errors import MonitorError
 from ..metrics import MonitorMetrics
 from ..proto import monitor_pb2_grpc as pb_grpc
 from ..settings import Settings
-from .handler import RequestHandler
+from ..store import OutcomeStore
+from .handler import RequestHandler, Serving
 from .logs import configure_logging
 from .security import CallGate, CountingExecutor, read_token, server_credentials
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
@@ -62,7 +68,26 @@ class MonitorServer:
         self.registry = registry if registry is not None else CollectorRegistry()
         self.metrics = MonitorMetrics(self.registry)
         self.metrics.model_loaded.set(0)
-        self.handler = RequestHandler(settings, self.metrics)
+        self.store: OutcomeStore | None = None
+        if settings.store:
+            self.store = OutcomeStore(
+                settings.store,
+                max_age_seconds=settings.store_max_age_days * 86400.0,
+                max_rows=settings.store_max_rows,
+            )
+            self.metrics.watch_store(self.store.stats)
+        try:
+            self._build(settings)
+        except BaseException:
+            if self.store is not None:
+                self.store.close()
+            raise
+        self._reload_lock = threading.Lock()
+        self._reloaded: Engine | None = None  # the engine the last reload built: closed at stop()
+        self._retiring: list[threading.Thread] = []
+
+    def _build(self, settings: Settings) -> None:
+        self.handler = RequestHandler(settings, self.metrics, self.store)
         self.health = health.HealthServicer()
         credentials = server_credentials(settings)
         limit = settings.max_concurrent_rpcs + _SPARE
@@ -137,6 +162,75 @@ class MonitorServer:
     def attach(self, engine: Engine) -> None:
         """Serve ``engine``'s model: metrics describe it, health turns SERVING."""
         self.handler.attach(engine)
+        self._describe(engine)
+        for service in ("", SERVICE_NAME):
+            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        d = self.handler.description
+        assert d is not None
+        log.info("model loaded, serving", extra={"model_id": d.model_id, "clusters": engine.model.n_clusters})
+
+    def reload(self, directory: str | os.PathLike | None = None) -> bool:
+        """Load, check and swap in the model in ``directory`` (default: settings.model).
+
+        Calls in flight finish on the old model; new calls use the new one. Drift windows
+        restart empty (they compare with the model's own reference); the outcome log of the
+        new model is restored from the store. A model that fails to load (bad manifest,
+        other spec version, unreadable) or to score is refused: an ERROR log line,
+        ``cxr_monitor_model_reloads_total{result="refused"}``, and the old model keeps serving.
+
+        The new engine is built like ``serve``'s (:func:`build_engine`) and belongs to the
+        server: the old one (its decoder processes) is closed once its last call has
+        finished, the last one built here at :meth:`stop`.
+
+        Returns
+        -------
+        bool
+            True if the new model is now served.
+        """
+        directory = self.settings.model if directory is None else directory
+        with self._reload_lock:  # one reload at a time (SIGHUP twice in a row)
+            if self.handler.serving is None:
+                log.error(
+                    "model reload refused: no model is attached yet", extra={"model_dir": str(directory)}
+                )
+                self.metrics.model_reloads.labels(result="refused").inc()
+                return False
+            engine = None
+            try:
+                engine = build_engine(dataclasses.replace(self.settings, model=Path(directory)))
+                old = self.handler.swap(engine)
+            except Exception as exc:  # any failure leaves the old model serving
+                if engine is not None:
+                    engine.close()
+                log.error(
+                    "model reload refused: %s",
+                    exc,
+                    extra={"model_dir": str(directory), "error": str(exc), "error_type": type(exc).__name__},
+                )
+                self.metrics.model_reloads.labels(result="refused").inc()
+                return False
+            self._reloaded = engine
+            retire = threading.Thread(target=self._retire, args=(old,), name="retire-model", daemon=True)
+            retire.start()
+            self._retiring.append(retire)
+            self._describe(engine)
+            self.metrics.model_reloads.labels(result="loaded").inc()
+            log.info(
+                "model reloaded",
+                extra={"model_id": self.handler.serving.description.model_id,
+                       "previous_model_id": old.description.model_id, "model_dir": str(directory)},
+            )  # fmt: skip
+            return True
+
+    @staticmethod
+    def _retire(old: Serving) -> None:
+        """Close a swapped-out engine once the calls that started on it have finished."""
+        old.calls.wait_idle(None)
+        old.engine.close()
+        log.info("previous model closed", extra={"model_id": old.description.model_id})
+
+    def _describe(self, engine: Engine) -> None:
+        """Point the model metrics and drift gauges at the served model."""
         m = engine.model
         d = self.handler.description
         assert d is not None
@@ -151,9 +245,6 @@ class MonitorServer:
         windows = self.handler.windows
         assert windows is not None
         self.metrics.watch_windows(windows.snapshot)
-        for service in ("", SERVICE_NAME):
-            self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("model loaded, serving", extra={"model_id": d.model_id, "clusters": m.n_clusters})
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds (default: settings), stop."""
@@ -170,6 +261,12 @@ class MonitorServer:
             self._metrics_http.server_close()
             self._metrics_http = None
         self.handler.close()
+        for retire in self._retiring:
+            retire.join(grace)
+        if self._reloaded is not None:
+            self._reloaded.close()
+        if self.store is not None:
+            self.store.close()
         log.info("stopped")
 
     def wait(self, timeout: float | None = None) -> bool:

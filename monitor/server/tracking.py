@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..drift import SlidingWindow
@@ -82,6 +82,28 @@ class OutcomeLog:
             self.failures[c] += int(failure)
             self.predicted[c] += p.cluster_failure_probability
             return p, self.outcomes[c], self.failures[c]
+
+    def unrecord(self, request_id: str) -> None:
+        """Undo :meth:`record` (its outcome could not be stored durably)."""
+        with self._lock:
+            p = self._items.get(request_id)
+            if p is None or p.failure is None:
+                return
+            c = p.cluster
+            self.outcomes[c] -= 1
+            self.failures[c] -= int(p.failure)
+            self.predicted[c] -= p.cluster_failure_probability
+            p.failure = None
+
+    def restore(
+        self, predictions: Iterable[tuple[str, Prediction]], tallies: Iterable[tuple[int, int, float]]
+    ) -> None:
+        """Start from stored state: request ids (oldest first) and per-cluster tallies."""
+        for request_id, prediction in predictions:
+            self.remember(request_id, prediction)
+        with self._lock:
+            for c, (n, f, predicted) in enumerate(tallies):
+                self.outcomes[c], self.failures[c], self.predicted[c] = n, f, predicted
 
     def tallies(self) -> list[tuple[int, int, float]]:
         """Per cluster: outcomes reported, failures among them, sum of predicted probabilities."""
