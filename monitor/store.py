@@ -143,11 +143,10 @@ class _Call:
     done: Future
 
 
-def _connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+def _connect(path: Path, *, readonly: bool = False, busy_timeout: float = 30.0) -> sqlite3.Connection:
     uri = f"file:{path}?mode=ro" if readonly else f"file:{path}?mode=rwc"
-    con = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30)
-    con.execute("PRAGMA busy_timeout = 30000")
-    return con
+    # Another process writing (a refit only reads) makes this connection wait up to busy_timeout.
+    return sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=busy_timeout)
 
 
 class OutcomeStore:
@@ -165,6 +164,8 @@ class OutcomeStore:
     queue_size : int
         Predictions waiting for the writer; beyond it a scoring thread waits up to
         1 s, then the row is dropped and counted (``stats()["dropped"]``).
+    busy_timeout : float
+        Seconds a write waits for a lock held by another connection before it fails.
     clock : callable
         Unix seconds (tests inject a fake clock).
 
@@ -183,6 +184,7 @@ class OutcomeStore:
         max_rows: int | None = None,
         prune_interval: float = 60.0,
         queue_size: int = 10_000,
+        busy_timeout: float = 30.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.path = Path(path)
@@ -195,7 +197,7 @@ class OutcomeStore:
         self._counts_lock = threading.Lock()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = _connect(self.path)
+            self._con = _connect(self.path, busy_timeout=busy_timeout)
             mode = self._con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if mode.lower() != "wal":
                 raise StoreError(f"outcome store {self.path}: the file system does not support WAL ({mode})")
