@@ -45,6 +45,8 @@ RUN groupadd --system --gid ${UID} cxr \
 COPY --from=build /opt/venv /opt/venv
 # The model is data, not code: owned by root and read-only for the service user.
 COPY models/default/ /opt/cxr-monitor/models/default/
+# Where CXR_MONITOR_STORE points in deploy/: a volume mounted here starts owned by the service user.
+RUN mkdir -p /var/lib/cxr-monitor && chown ${UID}:${UID} /var/lib/cxr-monitor
 USER 10001:10001
 WORKDIR /tmp
 EXPOSE 50051 9108

@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml requirements.lock
 
 install: $(STAMP)
 
+# Outcomes reported to `make serve` persist in .state/outcomes.sqlite unless CXR_MONITOR_STORE is
+# set (to another file, or to '' for none).
 serve: install
-	$(BIN)/cxr-monitor serve
+	CXR_MONITOR_STORE="$${CXR_MONITOR_STORE-.state/outcomes.sqlite}" $(BIN)/cxr-monitor serve
 
 lint: install
 	$(BIN)/ruff check monitor tests benchmarks models scripts

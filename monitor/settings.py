@@ -70,9 +70,8 @@ DEFAULT_MAX_CONCURRENT_RPCS = 64
 DEFAULT_GRACE_SECONDS = 8.0
 DEFAULT_OUTCOME_CACHE_SIZE = 100_000
 DEFAULT_STORE_MAX_AGE_DAYS = 365.0
-DEFAULT_STORE_MAX_ROWS = (
-    2_000_000  # ~0.8 GB: ~380 bytes a row at 31 features (benchmarks/results/store_cost.md)
-)
+# ~0.8 GB: ~380 bytes a row at 31 features (benchmarks/results/store_cost.md).
+DEFAULT_STORE_MAX_ROWS = 2_000_000
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_FORMATS = ("json", "text")

@@ -28,13 +28,16 @@ CORE = (
     "decoding",
     "defaults",
     "engine",
+    "store",
+    "refit",
 )
 FORBIDDEN = ("grpc", "prometheus_client")
 
 
 def test_core_never_imports_transports() -> None:
     code = (
-        "import monitor.engine, monitor.artifact, monitor.model, monitor.batch, monitor.fitting; import sys; "
+        "import monitor.engine, monitor.artifact, monitor.model, monitor.batch, monitor.fitting, monitor.store, "
+        "monitor.refit; import sys; "
         "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client'))])"
     )
     out = subprocess.run(
