@@ -40,9 +40,9 @@ import numpy as np
 from .errors import StoreError
 
 __all__ = [
-    "SCHEMA_VERSION",
     "LabelledProfiles",
     "OutcomeStore",
+    "SCHEMA_VERSION",
     "StoredPrediction",
     "read_labelled",
 ]

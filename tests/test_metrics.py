@@ -37,6 +37,7 @@ EXACT_NAMES = {
     "cxr_monitor_inflight_requests": "gauge",
     "cxr_monitor_model_loaded": "gauge",
     "cxr_monitor_shed_requests": "counter",
+    "cxr_monitor_model_reloads": "counter",
     "cxr_monitor_drift_psi": "gauge",
     "cxr_monitor_drift_js_distance": "gauge",
     "cxr_monitor_drift_chi2_p_value": "gauge",
@@ -85,6 +86,23 @@ def metrics() -> MonitorMetrics:
 def test_exact_names_and_types(metrics: MonitorMetrics) -> None:
     families = {f.name: f.type for f in metrics.registry.collect()}
     assert families == EXACT_NAMES
+
+
+def test_store_counters_are_read_at_scrape_and_set_model_replaces_cluster_gauges(
+    metrics: MonitorMetrics,
+) -> None:
+    stats = {"predictions": 5, "outcomes": 2, "dropped": 0, "errors": 1, "pruned": 3, "queued": 4}
+    metrics.watch_store(lambda: stats)
+    value = metrics.registry.get_sample_value
+    assert value("cxr_monitor_store_predictions_written_total") == 5
+    assert value("cxr_monitor_store_write_errors_total") == 1
+    stats["outcomes"] = 7
+    assert value("cxr_monitor_store_outcomes_written_total") == 7
+    assert value("cxr_monitor_store_queue_length") == 4
+    # A reloaded model with fewer clusters: no constant gauge is left for the old cluster 2.
+    metrics.set_model(model_id="cxrm-new", spec_version="1.0", version="0.1.0", reference_mix=[0.6, 0.4])
+    assert value("cxr_monitor_reference_cluster_ratio", {"cluster": "2"}) is None
+    assert value("cxr_monitor_reference_cluster_ratio", {"cluster": "0"}) == 0.6
 
 
 def test_metrics_are_created_per_registry_not_at_import() -> None:

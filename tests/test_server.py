@@ -538,7 +538,7 @@ def test_metrics_over_http(sidecar: tuple, client: ReliabilityClient, engine: En
     labels = {part.split("=")[0] for line in text.splitlines() if "{" in line and not line.startswith("#")
               for part in line[line.index("{") + 1 : line.index("}")].split(",") if part}  # fmt: skip
     assert labels <= {"method", "code", "stage", "le", "cluster", "outcome", "window", "model_id", "spec_version", "reason",
-                      "version", "kind", "field"}  # fmt: skip
+                      "version", "kind", "field", "result"}  # fmt: skip
 
 
 # --------------------------------------------------------------------------- lifecycle
