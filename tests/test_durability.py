@@ -214,7 +214,7 @@ def test_refit_from_a_replayed_store_gives_the_rates_of_fit(nih_fit, tmp_path: P
 
 
 def test_refit_with_no_usable_rows_is_a_clear_error(tmp_path: Path) -> None:
-    from monitor.cli import default_model_dir
+    from monitor.defaults import default_model_dir
     from monitor.store import OutcomeStore
 
     OutcomeStore(tmp_path / "empty.sqlite").close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -17,18 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from prometheus_client import CollectorRegistry
 from sklearn.base import clone
 
 from monitor.artifact import load_model, save_model
-from monitor.cli import default_model_dir
-from monitor.client import ReliabilityClient, array_request
+from monitor.client import ReliabilityClient, array_request, bytes_request
+from monitor.defaults import default_model_dir
 from monitor.engine import Engine
 from monitor.server import build_server
 from monitor.settings import Settings
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE = np.random.default_rng(1).integers(0, 256, (256, 256), dtype=np.uint8)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -120,14 +128,14 @@ def test_calls_in_flight_finish_on_the_old_model(sidecar: tuple, model_b: Path) 
     old_engine = server.handler.engine
     old_id = client.model_info().model_id
     entered, release = threading.Event(), threading.Event()
-    real = old_engine.score_loaded
+    real = old_engine.score
 
     def held(*args, **kwargs):  # hold the call mid-scoring until the swap is done
         entered.set()
         release.wait(30)
         return real(*args, **kwargs)
 
-    old_engine.score_loaded = held
+    old_engine.score = held
     result: dict = {}
     call = threading.Thread(
         target=lambda: result.update(r=client.score(array_request(IMAGE, request_id="slow")))
@@ -147,7 +155,7 @@ def test_sighup_reloads_the_model_directory_and_refuses_a_broken_one(tmp_path: P
     shutil.copytree(default_model_dir(), model)
     proc = subprocess.Popen(
         [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1",
-         "--log-format", "json", "--workers", "1", "--decode-processes", "0", "--model", str(model)],
+         "--log-format", "json", "--workers", "1", "--decode-processes", "1", "--model", str(model)],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO, env=dict(os.environ),
     )  # fmt: skip
     lines: list[dict] = []
@@ -180,6 +188,9 @@ def test_sighup_reloads_the_model_directory_and_refuses_a_broken_one(tmp_path: P
             new_id = load_model(model_b).model_id
             wait_for(lambda: client.model_info().model_id == new_id)
             assert any(d["msg"] == "model reloaded" and d["previous_model_id"] == old_id for d in lines)
+            # Encoded images go to the new engine's decoder process; the old one's is closed.
+            assert client.score(bytes_request(_png(IMAGE))).model_id == new_id
+            wait_for(lambda: any(d["msg"] == "previous model closed" for d in lines))
 
             (model / "arrays.npz").write_bytes(b"truncated")
             proc.send_signal(signal.SIGHUP)
