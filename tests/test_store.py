@@ -142,3 +142,18 @@ def test_a_failed_write_is_reported_to_the_waiting_caller(tmp_path: Path) -> Non
         assert s.tallies("m1", 2)[0][:2] == (1, 1)
     finally:
         s.close()
+
+
+def test_an_unusable_store_path_stops_serve_with_a_clear_error(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    out = subprocess.run(
+        [sys.executable, "-m", "monitor.cli", "serve", "--host", "127.0.0.1", "--port", "0", "--metrics-port",
+         "-1", "--store", str(blocker / "outcomes.sqlite")],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+    assert out.returncode == 3
+    assert f"error: outcome store {blocker / 'outcomes.sqlite'}: cannot create" in out.stderr
