@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 import numpy as np
@@ -157,3 +158,21 @@ def test_an_unusable_store_path_stops_serve_with_a_clear_error(tmp_path: Path) -
     )  # fmt: skip
     assert out.returncode == 3
     assert f"error: outcome store {blocker / 'outcomes.sqlite'}: cannot create" in out.stderr
+
+
+def test_the_writer_prunes_on_its_own_every_interval(tmp_path: Path) -> None:
+    now = [1000.0]
+    s = OutcomeStore(tmp_path / "o.sqlite", max_age_seconds=100.0, prune_interval=0.05, clock=lambda: now[0])
+    try:
+        s.register_model("m1", NAMES, 2)
+        s.add_prediction(_p("old", 950.0))
+        s.add_prediction(_p("new", 990.0))
+        s.flush()
+        now[0] = 1080.0  # "old" is now 130 s old; nobody calls prune()
+        deadline = time.monotonic() + 30
+        while s.stats()["pruned"] == 0:
+            assert time.monotonic() < deadline, "the writer never pruned"
+            time.sleep(0.02)
+        assert [p.request_id for p in s.recent("m1", 10)] == ["new"]
+    finally:
+        s.close()
