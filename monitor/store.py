@@ -221,6 +221,7 @@ class OutcomeStore:
         except OSError as exc:
             raise StoreError(f"outcome store {self.path}: cannot create ({exc.strerror or exc})") from exc
         self._last_prune = -float("inf")
+        self._pruned_uncommitted = 0  # counted once the transaction that deleted them commits
         self._closed = False
         self._writer = threading.Thread(target=self._run, name="outcome-store", daemon=True)
         self._writer.start()
@@ -407,6 +408,7 @@ class OutcomeStore:
         except (sqlite3.Error, OSError) as exc:
             if con.in_transaction:
                 con.rollback()
+            self._pruned_uncommitted = 0
             self._count("errors")
             log.error("outcome store write failed", extra={"store": str(self.path), "error": str(exc)})
             failure = StoreError(f"outcome store {self.path}: write failed ({exc})")
@@ -416,6 +418,12 @@ class OutcomeStore:
             return
         self._count("predictions", n_pred)
         self._count("outcomes", n_out)
+        if self._pruned_uncommitted:
+            self._count("pruned", self._pruned_uncommitted)
+            log.info(
+                "outcome store pruned", extra={"store": str(self.path), "rows": self._pruned_uncommitted}
+            )
+            self._pruned_uncommitted = 0
         for done, value, error in results:
             if error is not None:
                 done.set_exception(error)
@@ -465,9 +473,7 @@ class OutcomeStore:
                     (n - self.max_rows,),
                 )
                 deleted += cur.rowcount
-        if deleted:
-            self._count("pruned", deleted)
-            log.info("outcome store pruned", extra={"store": str(self.path), "rows": deleted})
+        self._pruned_uncommitted += deleted
         return deleted
 
 
