@@ -187,7 +187,10 @@ def test_sighup_reloads_the_model_directory_and_refuses_a_broken_one(tmp_path: P
             proc.send_signal(signal.SIGHUP)
             new_id = load_model(model_b).model_id
             wait_for(lambda: client.model_info().model_id == new_id)
-            assert any(d["msg"] == "model reloaded" and d["previous_model_id"] == old_id for d in lines)
+            # Logged just after the swap, and read from stderr by another thread: wait for it.
+            wait_for(
+                lambda: any(d["msg"] == "model reloaded" and d["previous_model_id"] == old_id for d in lines)
+            )
             # Encoded images go to the new engine's decoder process; the old one's is closed.
             assert client.score(bytes_request(_png(IMAGE))).model_id == new_id
             wait_for(lambda: any(d["msg"] == "previous model closed" for d in lines))
