@@ -12,6 +12,7 @@ __all__ = [
     "ImageTooLargeError",
     "InvalidImageError",
     "InvalidInputError",
+    "MissingPixelDataError",
     "MonitorError",
     "NotFittedError",
     "StoreError",
@@ -40,6 +41,10 @@ class InvalidInputError(MonitorError, ValueError):
 
 class InvalidImageError(InvalidInputError):
     """The bytes or file are not a readable image (truncated, not an image, no pixel data)."""
+
+
+class MissingPixelDataError(InvalidImageError):
+    """A readable DICOM dataset without (7FE0,0010) Pixel Data: not an image, or cut short before it."""
 
 
 class UnsupportedImageError(InvalidInputError):

@@ -26,7 +26,13 @@ from pydicom.pixels import apply_modality_lut
 
 from monitor.colour import ColourAssessment, assess_colour, luminance
 from monitor.defaults import DEFAULT_MAX_PIXELS, DEFAULT_MIN_SIZE
-from monitor.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, UnsupportedImageError
+from monitor.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidInputError,
+    MissingPixelDataError,
+    UnsupportedImageError,
+)
 from monitor.types import ImageMeta, LoadedImage
 
 __all__ = [
@@ -38,6 +44,7 @@ __all__ = [
     "load_bytes",
     "load_image",
     "peek_size",
+    "read_dicom_header",
     "read_file",
     "sniff_format",
 ]
@@ -393,9 +400,59 @@ def _colour_fields(verdict: ColourAssessment | None) -> dict[str, Any]:
 # --------------------------------------------------------------------------- DICOM
 
 
-def _decode_dicom(data: bytes, name: str, max_pixels: int, min_size: int) -> tuple[np.ndarray, ImageMeta]:
+def read_dicom_header(
+    data: bytes,
+    *,
+    name: str = "<bytes>",
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_size: int = DEFAULT_MIN_SIZE,
+) -> ImageMeta:
+    """Check that a DICOM file holds a decodable radiograph, without decoding its pixels.
+
+    The checks :func:`load_bytes` makes before decoding (readable dataset, Pixel Data present,
+    single-frame grayscale, size within limits) plus, for uncompressed transfer syntaxes, that
+    the Pixel Data holds as many bytes as the header announces. A storage node uses it to
+    answer a sender before the slower decode.
+
+    Parameters
+    ----------
+    data : bytes
+        A DICOM file (preamble and file meta information included).
+    name, max_pixels, min_size
+        See :func:`load_bytes`.
+
+    Returns
+    -------
+    ImageMeta
+
+    Raises
+    ------
+    InvalidImageError
+        Unreadable or truncated dataset, or a missing / invalid header element.
+    MissingPixelDataError
+        No (7FE0,0010) Pixel Data.
+    UnsupportedImageError, ImageTooLargeError
+        See :func:`load_image`.
+    """
+    _check_limits(max_pixels, min_size)
+    ds = _parse_dicom(data, name)
+    meta, _ = _checked_header(ds, data, name, max_pixels, min_size)
+    tsyntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if tsyntax is not None and not tsyntax.is_compressed:
+        bits = int(_number(ds, "BitsAllocated", 0))
+        expected = meta.rows * meta.columns * max(bits, 8) // 8
+        held = len(ds.PixelData)
+        if held < expected:
+            raise InvalidImageError(
+                f"{name}: (7FE0,0010) Pixel Data holds {held} bytes, {meta.rows}x{meta.columns} pixels at "
+                f"{bits} bits allocated need {expected}; the dataset is probably truncated"
+            )
+    return meta
+
+
+def _parse_dicom(data: bytes, name: str) -> pydicom.Dataset:
     try:
-        ds = pydicom.dcmread(io.BytesIO(data), force=False)
+        return pydicom.dcmread(io.BytesIO(data), force=False)
     except InvalidDicomError as exc:
         raise InvalidImageError(f"{name}: not a readable DICOM file ({exc})") from exc
     except MemoryError:
@@ -405,14 +462,23 @@ def _decode_dicom(data: bytes, name: str, max_pixels: int, min_size: int) -> tup
             f"{name}: not a readable DICOM file; it may be truncated or corrupt ({type(exc).__name__}: {exc})"
         ) from exc
 
+
+def _checked_header(
+    ds: pydicom.Dataset, data: bytes, name: str, max_pixels: int, min_size: int
+) -> tuple[ImageMeta, Callable[[np.ndarray, pydicom.Dataset], np.ndarray]]:
     try:
-        meta, to_modality = _dicom_header(ds, data, name, max_pixels, min_size)
+        return _dicom_header(ds, data, name, max_pixels, min_size)
     except InvalidInputError:
         raise
     except MemoryError:
         raise
     except Exception as exc:  # element values are parsed lazily, so a bad one fails here
         raise InvalidImageError(f"{name}: invalid DICOM header ({type(exc).__name__}: {exc})") from exc
+
+
+def _decode_dicom(data: bytes, name: str, max_pixels: int, min_size: int) -> tuple[np.ndarray, ImageMeta]:
+    ds = _parse_dicom(data, name)
+    meta, to_modality = _checked_header(ds, data, name, max_pixels, min_size)
 
     try:
         stored = ds.pixel_array
@@ -450,7 +516,10 @@ def _dicom_header(
 ) -> tuple[ImageMeta, Callable[[np.ndarray, pydicom.Dataset], np.ndarray]]:
     """Validate the header and return metadata plus the stored -> float32 modality transform."""
     if "PixelData" not in ds:
-        raise InvalidImageError(f"{name}: (7FE0,0010) Pixel Data is missing{_truncation_hint(data)}")
+        hint = _truncation_hint(data)
+        # Cut short inside Pixel Data is a truncated file, not a dataset without pixels.
+        error = InvalidImageError if hint else MissingPixelDataError
+        raise error(f"{name}: (7FE0,0010) Pixel Data is missing{hint}")
     frames = ds.get("NumberOfFrames")
     n_frames = int(frames) if frames not in (None, "") else 1
     if n_frames > 1:

@@ -15,7 +15,13 @@ n + 1 to ``cxr_monitor_requests_total``).
 
 The drift window gauges (``cxr_monitor_drift_*{window="count"|"time"}``) are
 computed when the registry is collected (each scrape), from a snapshot function
-the server provides, so they are exact at the moment they are read.
+the server provides, so they are exact at the moment they are read. The same gauges
+per source (``cxr_monitor_source_drift_*{source, window}``) come from one window pair
+per source: ``grpc`` for the gRPC API, and for the DICOM node the calling AE title
+when it is allow-listed, else ``other`` (a bounded set).
+
+:class:`DicomMetrics` holds the DICOM storage node's own counters (associations,
+C-ECHO, C-STORE results, scoring failures after the reply, queue depth).
 """
 
 from __future__ import annotations
@@ -34,11 +40,13 @@ from .scope import SCOPE_FIELDS
 from .types import DriftReport, ScoredImage
 
 __all__ = [
-    "SHED_REASONS",
+    "DICOM_STORE_RESULTS",
     "DRIFT_GAUGES",
     "PREFIX",
     "RATIO_BUCKETS",
+    "SHED_REASONS",
     "STORE_COUNTERS",
+    "DicomMetrics",
     "MonitorMetrics",
     "WindowSnapshot",
 ]
@@ -80,6 +88,19 @@ DRIFT_GAUGES: dict[str, tuple[str, str]] = {
 }
 
 
+#: ``result`` label values of ``cxr_monitor_dicom_stores_total``: queued for scoring, or why not.
+DICOM_STORE_RESULTS = (
+    "queued",
+    "queue_full",
+    "not_ready",
+    "malformed",
+    "no_pixel_data",
+    "unsupported_image",
+    "too_large",
+    "internal",
+)
+
+
 @dataclass(frozen=True)
 class WindowSnapshot:
     """A drift window at one instant: the core's report and the outcomes reported for its images."""
@@ -99,22 +120,32 @@ class WindowSnapshot:
 
 
 class _DriftCollector(Collector):
-    """Computes the window gauges from ``snapshot()`` at collection time."""
+    """Computes the window gauges from ``snapshot()`` at collection time.
 
-    def __init__(self, snapshot: Callable[[], Mapping[str, WindowSnapshot]]) -> None:
+    ``snapshot()`` maps a tuple of label values (one per ``labels``) to a window snapshot.
+    """
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Mapping[tuple[str, ...], WindowSnapshot]],
+        prefix: str = PREFIX,
+        labels: tuple[str, ...] = ("window",),
+    ) -> None:
         self._snapshot = snapshot
+        self._prefix = prefix
+        self._labels = list(labels)
 
     def describe(self) -> Iterable[GaugeMetricFamily]:
         # Named without samples so registration checks names without computing drift.
         for name, (doc, _) in DRIFT_GAUGES.items():
-            yield GaugeMetricFamily(PREFIX + name, doc, labels=["window"])
+            yield GaugeMetricFamily(self._prefix + name, doc, labels=self._labels)
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         windows = self._snapshot()
         for name, (doc, attribute) in DRIFT_GAUGES.items():
-            family = GaugeMetricFamily(PREFIX + name, doc, labels=["window"])
-            for window, snap in windows.items():
-                family.add_metric([window], snap.value(attribute))
+            family = GaugeMetricFamily(self._prefix + name, doc, labels=self._labels)
+            for key, snap in windows.items():
+                family.add_metric(list(key), snap.value(attribute))
             yield family
 
 
@@ -253,7 +284,18 @@ class MonitorMetrics:
                                      "(the old model kept serving).", ["result"], **r)  # fmt: skip
         for result in ("loaded", "refused"):
             self.model_reloads.labels(result=result)
+        self.source_images = Counter(p + "source_images_scored", "Images scored, by source (grpc, or the "
+                                     "DICOM calling AE title's label).", ["source"], **r)  # fmt: skip
+        self.source_novel_images = Counter(p + "source_novel_images", "Scored images flagged novel, by "
+                                           "source.", ["source"], **r)  # fmt: skip
+        self.source_predicted_failures = Counter(
+            p + "source_predicted_failures",
+            "Sum of label-free cluster failure probabilities of scored images, by source.",
+            ["source"],
+            **r,
+        )
         self._drift: _DriftCollector | None = None
+        self._source_drift: _DriftCollector | None = None
 
     def set_model(
         self,
@@ -288,12 +330,18 @@ class MonitorMetrics:
         """Export the drift window gauges from ``snapshot()`` (called on every collection)."""
         if self._drift is not None:
             self.registry.unregister(self._drift)
-        self._drift = _DriftCollector(snapshot)
+        self._drift = _DriftCollector(lambda: {(w,): snap for w, snap in snapshot().items()})
         self.registry.register(self._drift)
 
     def watch_store(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the outcome store's counters from ``stats()`` (called on every collection)."""
         self.registry.register(_StoreCollector(stats))
+    def watch_source_windows(self, snapshot: Callable[[], Mapping[tuple[str, str], WindowSnapshot]]) -> None:
+        """Export ``cxr_monitor_source_drift_*{source, window}`` from ``snapshot()`` (each collection)."""
+        if self._source_drift is not None:
+            self.registry.unregister(self._source_drift)
+        self._source_drift = _DriftCollector(snapshot, PREFIX + "source_", ("source", "window"))
+        self.registry.register(self._source_drift)
 
     def observe_request(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method=method, code=code).inc()
@@ -305,8 +353,11 @@ class MonitorMetrics:
     def observe_input(self, size_bytes: int) -> None:
         self.image_size.observe(size_bytes)
 
-    def observe_scored(self, scored: ScoredImage) -> None:
-        """Count one scored image: stages, size, reliability, cluster, flags, predicted failures."""
+    def observe_scored(self, scored: ScoredImage, source: str = "grpc") -> None:
+        """Count one scored image: stages, size, reliability, cluster, flags, predicted failures.
+
+        ``source`` must come from a bounded set (see the module docstring).
+        """
         for stage in ("decode", "profile", "score"):
             self.stage_duration.labels(stage=stage).observe(scored.timings[stage])
         r = scored.result
@@ -326,10 +377,70 @@ class MonitorMetrics:
         if scored.meta.colour_conversion:
             self.colour_conversions.labels(kind=scored.meta.colour_conversion).inc()
         self.predicted_failures.inc(_finite(r.cluster_failure_probability))
+        self.source_images.labels(source=source).inc()
+        if r.is_novel:
+            self.source_novel_images.labels(source=source).inc()
+        self.source_predicted_failures.labels(source=source).inc(_finite(r.cluster_failure_probability))
 
     def observe_outcome(self, cluster: int, failure: bool, predicted_failure_probability: float) -> None:
         self.outcomes.labels(cluster=str(cluster), outcome="failure" if failure else "success").inc()
         self.predicted_failures_with_outcome.inc(_finite(predicted_failure_probability))
+
+
+class DicomMetrics:
+    """The DICOM storage node's metrics on ``registry`` (created only when the node is enabled).
+
+    ``source`` labels are the node's bounded caller labels (allow-listed AE titles, ``other``).
+    """
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = {"registry": registry}
+        p = PREFIX + "dicom_"
+        self.associations = Counter(
+            p + "associations",
+            "Association requests, by result: accepted, or rejected_calling_ae / rejected_called_ae / "
+            "rejected_host (not on the allow-list).",
+            ["result"],
+            **r,
+        )
+        self.contexts_refused = Counter(
+            p + "contexts_refused",
+            "Presentation contexts refused at association, by reason: abstract_syntax (not a radiograph "
+            "storage or verification SOP class) or transfer_syntax (one the loader cannot decode).",
+            ["source", "reason"],
+            **r,
+        )
+        self.echoes = Counter(p + "echoes", "C-ECHO requests answered.", ["source"], **r)
+        self.stores = Counter(
+            p + "stores",
+            "C-STORE requests by result: queued (status 0x0000) or the reason of the failure status "
+            "(queue_full and not_ready 0xA700, no_pixel_data 0xA900, malformed / unsupported_image / "
+            "too_large / internal 0xC000).",
+            ["source", "result"],
+            **r,
+        )
+        self.scoring_failures = Counter(
+            p + "scoring_failures",
+            "Queued instances that could not be scored after the C-STORE reply, by reason.",
+            ["source", "reason"],
+            **r,
+        )
+        self.store_ack = Histogram(
+            p + "store_ack_seconds",
+            "Time from a received C-STORE dataset to its reply status (header check and queueing).",
+            buckets=_STAGE_BUCKETS,
+            **r,
+        )
+        self.queue_wait = Histogram(
+            p + "queue_wait_seconds",
+            "Time a received instance waited in the queue before scoring started.",
+            buckets=_LATENCY_BUCKETS,
+            **r,
+        )
+        self.queue_images = Gauge(p + "queue_images", "Received instances waiting to be scored.", **r)
+        self.queue_capacity = Gauge(
+            p + "queue_capacity_images", "Size of the scoring queue (constant).", **r
+        )
 
 
 def _finite(value: Any) -> float:

@@ -9,6 +9,7 @@ the default (``DEFAULT_METRICS_PORT``). This is the only module that reads
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 from collections.abc import Mapping
@@ -31,6 +32,10 @@ from .errors import InvalidInputError
 __all__ = [
     "DEFAULT_DECODE_PROCESSES",
     "DEFAULT_DECODE_TIMEOUT",
+    "DEFAULT_DICOM_AE_TITLE",
+    "DEFAULT_DICOM_PORT",
+    "DEFAULT_DICOM_QUEUE_SIZE",
+    "DEFAULT_DICOM_WORKERS",
     "DEFAULT_FFT_THREADS",
     "DEFAULT_GRACE_SECONDS",
     "DEFAULT_HEALTH_PORT",
@@ -72,6 +77,10 @@ DEFAULT_OUTCOME_CACHE_SIZE = 100_000
 DEFAULT_STORE_MAX_AGE_DAYS = 365.0
 # ~0.8 GB: ~380 bytes a row at 31 features (benchmarks/results/store_cost.md).
 DEFAULT_STORE_MAX_ROWS = 2_000_000
+DEFAULT_DICOM_PORT = -1
+DEFAULT_DICOM_AE_TITLE = "CXRMONITOR"
+DEFAULT_DICOM_QUEUE_SIZE = 64
+DEFAULT_DICOM_WORKERS = 2
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
 LOG_FORMATS = ("json", "text")
@@ -272,6 +281,57 @@ class Settings:
         metadata={"help": "Most stored requests kept; the oldest are deleted first (checked every minute)."},
     )
 
+    dicom_port: int = field(
+        default=DEFAULT_DICOM_PORT,
+        metadata={
+            "help": "Port of the DICOM storage node (C-ECHO, C-STORE of radiographs), on --host; "
+            "-1 (default) disables it, 0 picks a free port (tests). DICOM's usual port is 11112 (or 104)."
+        },
+    )
+
+    dicom_ae_title: str = field(
+        default=DEFAULT_DICOM_AE_TITLE,
+        metadata={"help": "The DICOM node's own AE title (1-16 characters, no backslash)."},
+    )
+
+    dicom_allowed_aes: str = field(
+        default="",
+        metadata={
+            "help": "Comma-separated calling AE titles allowed to associate, each optionally "
+            "restricted to one peer address as TITLE@IP (e.g. 'ORTHANC@10.0.0.5,CR_ROOM1'); empty "
+            "(default): anyone. Allowed titles are also the per-source metric labels; any other "
+            "caller is counted as 'other'."
+        },
+    )
+
+    dicom_queue_size: int = field(
+        default=DEFAULT_DICOM_QUEUE_SIZE,
+        metadata={
+            "help": "Received instances waiting to be scored; when full, C-STORE answers 0xA700 "
+            "(out of resources) at once instead of making the sender wait."
+        },
+    )
+
+    dicom_workers: int = field(
+        default=DEFAULT_DICOM_WORKERS,
+        metadata={"help": "Threads scoring the DICOM node's queue."},
+    )
+
+    dicom_tls_cert: str = field(
+        default="",
+        metadata={"help": "PEM certificate of the DICOM node; with --dicom-tls-key it speaks DICOM TLS only."},
+    )
+
+    dicom_tls_key: str = field(default="", metadata={"help": "PEM private key of --dicom-tls-cert."})
+
+    dicom_tls_ca: str = field(
+        default="",
+        metadata={
+            "help": "PEM CA bundle: with TLS on, callers must present a certificate signed by it "
+            "(mutual TLS); empty: any caller that completes the TLS handshake."
+        },
+    )
+
     log_format: str = field(
         default=DEFAULT_LOG_FORMAT,
         metadata={
@@ -324,7 +384,8 @@ class Settings:
         object.__setattr__(self, "log_format", self.log_format.lower())
         object.__setattr__(self, "log_level", self.log_level.upper())
         for name in ("workers", "fft_threads", "window_images", "max_message_bytes", "max_pixels",
-                     "max_concurrent_rpcs", "outcome_cache_size", "store_max_rows"):  # fmt: skip
+                     "max_concurrent_rpcs", "outcome_cache_size", "store_max_rows", "dicom_queue_size",
+                     "dicom_workers"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise InvalidInputError(f"setting {name} must be >= 1, got {getattr(self, name)}")
         if self.memory_budget_bytes < 0:
@@ -364,6 +425,22 @@ class Settings:
                     f"setting {name} must be at least {MIN_TOKEN_CHARS} printable ASCII characters without "
                     f"spaces (got {len(value)} characters)"
                 )
+        if not -1 <= self.dicom_port <= 65535:
+            raise InvalidInputError(f"setting dicom_port must be -1 (off) or in 0..65535, got {self.dicom_port}")
+        title = self.dicom_ae_title.strip()
+        if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
+            raise InvalidInputError(
+                f"setting dicom_ae_title must be 1-16 printable characters without a backslash, "
+                f"got {self.dicom_ae_title!r}"
+            )
+        object.__setattr__(self, "dicom_ae_title", title)
+        _ = self.dicom_allowed_callers  # validates the list now, not at the first association
+        if bool(self.dicom_tls_cert) != bool(self.dicom_tls_key):
+            raise InvalidInputError(
+                "settings dicom_tls_cert and dicom_tls_key go together: give both for DICOM TLS, or neither"
+            )
+        if self.dicom_tls_ca and not self.dicom_tls_cert:
+            raise InvalidInputError("setting dicom_tls_ca needs dicom_tls_cert and dicom_tls_key (TLS is off)")
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(
                 f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"
@@ -384,6 +461,31 @@ class Settings:
         # One process per CPU; more processes than workers would never all be busy, and on one
         # CPU the processes would only add IPC to the same core.
         return min(cpus, self.workers) if cpus >= 2 else 0
+
+    @property
+    def dicom_allowed_callers(self) -> dict[str, str | None]:
+        """``dicom_allowed_aes`` parsed: AE title → required peer address (None: any address)."""
+        callers: dict[str, str | None] = {}
+        for entry in self.dicom_allowed_aes.split(","):
+            entry = entry.strip()
+            if not entry:
+                continue
+            title, _, host = entry.partition("@")
+            title, host = title.strip(), host.strip()
+            if not 1 <= len(title) <= 16 or "\\" in title:
+                raise InvalidInputError(
+                    f"setting dicom_allowed_aes: {entry!r} is not an AE title (1-16 characters, "
+                    "no backslash), optionally followed by @IP"
+                )
+            if host:
+                try:
+                    host = str(ipaddress.ip_address(host))
+                except ValueError:
+                    raise InvalidInputError(
+                        f"setting dicom_allowed_aes: {host!r} in {entry!r} is not an IP address"
+                    ) from None
+            callers[title] = host or None
+        return callers
 
     @property
     def address(self) -> str:

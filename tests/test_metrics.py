@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from monitor.defaults import default_model_dir
 from monitor.engine import Engine
-from monitor.metrics import DRIFT_GAUGES, RATIO_BUCKETS, MonitorMetrics, WindowSnapshot
+from monitor.metrics import DRIFT_GAUGES, RATIO_BUCKETS, DicomMetrics, MonitorMetrics, WindowSnapshot
 from monitor.server.tracking import DriftWindows, OutcomeLog, Prediction
 from monitor.types import DriftReport, ImageMeta, ScoredImage, ScoreResult
 
@@ -51,6 +51,9 @@ EXACT_NAMES = {
     "cxr_monitor_drift_max_feature_shift": "gauge",
     "cxr_monitor_drift_window_images": "gauge",
     "cxr_monitor_drift_detected": "gauge",
+    "cxr_monitor_source_images_scored": "counter",
+    "cxr_monitor_source_novel_images": "counter",
+    "cxr_monitor_source_predicted_failures": "counter",
 }
 
 
@@ -244,3 +247,33 @@ def test_out_of_scope_untrusted_and_colour_conversions_are_counted(metrics: Moni
     # The reliability histogram holds what the response said: 0 for the untrusted image.
     assert get("cxr_monitor_reliability_ratio_bucket", {"le": "0.05"}) == 1.0
     assert get("cxr_monitor_drift_out_of_scope_ratio", {"window": "count"}) == 0.0
+
+
+def test_per_source_counters_and_drift_gauges(metrics: MonitorMetrics) -> None:
+    get = metrics.registry.get_sample_value
+    metrics.observe_scored(_scored(cluster=1, novel=True, p=0.3), "CR_ROOM1")
+    metrics.observe_scored(_scored(cluster=2, p=0.6))
+    assert get("cxr_monitor_source_images_scored_total", {"source": "CR_ROOM1"}) == 1
+    assert get("cxr_monitor_source_images_scored_total", {"source": "grpc"}) == 1
+    assert get("cxr_monitor_source_novel_images_total", {"source": "CR_ROOM1"}) == 1
+    assert get("cxr_monitor_source_predicted_failures_total", {"source": "grpc"}) == pytest.approx(0.6)
+    assert get("cxr_monitor_images_scored_total") == 2  # the fleet-wide series are unchanged
+    metrics.watch_source_windows(
+        lambda: {("CR_ROOM1", "count"): WindowSnapshot(_report(7), outcomes=2, failures=1)}
+    )
+    labels = {"source": "CR_ROOM1", "window": "count"}
+    assert get("cxr_monitor_source_drift_window_images", labels) == 7
+    assert get("cxr_monitor_source_drift_realized_failure_ratio", labels) == 0.5
+    assert get("cxr_monitor_drift_window_images", {"window": "count"}) == 40  # the global windows stay
+
+
+def test_dicom_metrics_names() -> None:
+    registry = CollectorRegistry()
+    DicomMetrics(registry)
+    names = {f.name for f in registry.collect()}
+    assert names == {
+        "cxr_monitor_dicom_associations", "cxr_monitor_dicom_contexts_refused", "cxr_monitor_dicom_echoes",
+        "cxr_monitor_dicom_stores", "cxr_monitor_dicom_scoring_failures", "cxr_monitor_dicom_store_ack_seconds",
+        "cxr_monitor_dicom_queue_wait_seconds", "cxr_monitor_dicom_queue_images",
+        "cxr_monitor_dicom_queue_capacity_images",
+    }  # fmt: skip

@@ -31,10 +31,11 @@ from ..metrics import MonitorMetrics
 from ..proto import monitor_pb2 as pb
 from ..settings import Settings
 from ..store import OutcomeStore, StoredPrediction
+from ..types import ScoredImage
 from . import convert
 from .admission import AdmissionControl, OverloadedError, Pass
 from .memory import MemoryTrimmer
-from .tracking import DriftWindows, OutcomeLog, Prediction
+from .tracking import GRPC_SOURCE, DriftWindows, OutcomeLog, Prediction, SourceWindows
 
 __all__ = ["RequestHandler", "RpcAbortError", "STREAM_ITEM_METHOD", "Serving"]
 
@@ -87,6 +88,7 @@ class Serving:
     description: convert.ModelDescription
     windows: DriftWindows
     outcomes: OutcomeLog
+    source_windows: SourceWindows  # one window pair per source (grpc, DICOM callers)
     calls: _Calls = field(default_factory=_Calls)
 
 
@@ -186,7 +188,8 @@ class RequestHandler:
                 self.store.tallies(description.model_id, model.n_clusters),
             )  # fmt: skip
         windows = DriftWindows(engine, s.window_images, s.window_seconds)
-        return Serving(engine, description, windows, outcomes)
+        sources = SourceWindows(engine, s.window_images, s.window_seconds)
+        return Serving(engine, description, windows, outcomes, sources)
 
     def _warm_up(self, engine: Engine) -> None:
         n = self.settings.workers
@@ -296,6 +299,7 @@ class RequestHandler:
             self._store_outcome(serving, rid, failure)
         prediction, n_outcomes, n_failures = recorded
         serving.windows.record_outcome(rid, failure)
+        serving.source_windows.record_outcome(prediction.source, rid, failure)
         self.metrics.observe_outcome(prediction.cluster, failure, prediction.cluster_failure_probability)
         return pb.OutcomeResponse(
             request_id=rid,
@@ -334,7 +338,56 @@ class RequestHandler:
             scope=serving.engine.scope,
         )
 
-    # ------------------------------------------------------------------ work (on the pool)
+    def current(self) -> Serving:
+        """The served model and its state, read once per image so a hot reload does not split it.
+
+        Raises FAILED_PRECONDITION (as a MonitorError) while the model is loading.
+        """
+        return self._current()
+
+    def record(
+        self,
+        request_id: str,
+        scored: ScoredImage,
+        classifier_score: float | None = None,
+        source: str = GRPC_SOURCE,
+        *,
+        serving: Serving | None = None,
+    ) -> None:
+        """Track a scored image: drift windows (all traffic and its source's), outcome log, the
+        outcome store, metrics.
+
+        Every scored image goes through here, whether it came as a gRPC request or a DICOM
+        instance, so ``ReportOutcome(request_id)`` joins either.
+
+        Parameters
+        ----------
+        request_id : str
+            The id an outcome will be reported under (a DICOM instance: its SOP Instance UID).
+        source : str
+            Bounded label of where the image came from: ``grpc`` or a DICOM caller's label.
+        serving : Serving, optional
+            The model that scored it (default: the current one).
+        """
+        serving = self._current() if serving is None else serving
+        r = scored.result
+        serving.windows.add(request_id, scored)
+        serving.source_windows.add(source, request_id, scored)
+        serving.outcomes.remember(
+            request_id,
+            Prediction(
+                r.cluster, r.failure_probability, r.cluster_failure_probability, classifier_score, source=source
+            ),
+        )
+        if self.store is not None and scored.profile is not None:
+            self.store.add_prediction(
+                StoredPrediction(request_id, time.time(), serving.description.model_id, r.cluster,
+                                 r.failure_probability, r.cluster_failure_probability, r.novelty, classifier_score,
+                                 scored.profile)
+            )  # fmt: skip
+        self.metrics.observe_scored(scored, source)
+
+    # ------------------------------------------------------------------ admission
     def _admit(self, request: pb.ScoreRequest, remaining: Remaining) -> _Work:
         """Unpack and check a request, then admit it by count, deadline and memory (or shed it)."""
         engine = self._engine()
@@ -416,21 +469,8 @@ class RequestHandler:
                 deadline=deadline,
             )
             work.admitted.served()
-        r = scored.result
         rid = work.rid
-        serving.windows.add(rid, scored)
-        serving.outcomes.remember(
-            rid,
-            Prediction(
-                r.cluster, r.failure_probability, r.cluster_failure_probability, work.classifier_score
-            ),
-        )
-        if self.store is not None and scored.profile is not None:
-            self.store.add_prediction(
-                StoredPrediction(rid, time.time(), serving.description.model_id, r.cluster, r.failure_probability,
-                                 r.cluster_failure_probability, r.novelty, work.classifier_score, scored.profile)
-            )  # fmt: skip
-        self.metrics.observe_scored(scored)
+        self.record(rid, scored, work.classifier_score, serving=serving)
         return convert.scored_to_response(scored, rid, serving.description, time.perf_counter() - started)
 
 

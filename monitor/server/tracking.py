@@ -16,7 +16,10 @@ from ..engine import Engine
 from ..metrics import WindowSnapshot
 from ..types import ScoredImage
 
-__all__ = ["DriftWindows", "OutcomeLog", "Prediction", "TIME_WINDOW_MAX_IMAGES"]
+__all__ = ["DriftWindows", "GRPC_SOURCE", "OutcomeLog", "Prediction", "SourceWindows", "TIME_WINDOW_MAX_IMAGES"]
+
+GRPC_SOURCE = "grpc"
+"""Source label of images scored through the gRPC API (DICOM images carry their calling AE title)."""
 
 TIME_WINDOW_MAX_IMAGES = 100_000
 """Memory bound of the time window: beyond this many images within window_seconds, the oldest go."""
@@ -31,6 +34,7 @@ class Prediction:
     cluster_failure_probability: float
     classifier_score: float | None
     failure: bool | None = None  # the reported outcome, once known
+    source: str = GRPC_SOURCE  # where the image came from: gRPC, or a DICOM caller's label
 
 
 class OutcomeLog:
@@ -213,3 +217,48 @@ class DriftWindows:
                 report = self._engine.window_drift(w.window, now)
                 out[name] = WindowSnapshot(report=report, outcomes=w.outcomes, failures=w.failures)
             return out
+
+
+class SourceWindows:
+    """One :class:`DriftWindows` pair per source label, made on first use.
+
+    Sources are a bounded set (``grpc`` plus the DICOM node's allow-listed AE titles and
+    ``other``), so the number of windows is bounded too.
+
+    Parameters
+    ----------
+    engine : Engine
+    window_images : int
+    window_seconds : float
+    """
+
+    def __init__(self, engine: Engine, window_images: int, window_seconds: float) -> None:
+        self._engine = engine
+        self._window_images = window_images
+        self._window_seconds = window_seconds
+        self._lock = threading.Lock()
+        self._by_source: dict[str, DriftWindows] = {}
+
+    def _windows(self, source: str) -> DriftWindows:
+        with self._lock:
+            windows = self._by_source.get(source)
+            if windows is None:
+                windows = DriftWindows(self._engine, self._window_images, self._window_seconds)
+                self._by_source[source] = windows
+            return windows
+
+    def add(self, source: str, request_id: str, scored: ScoredImage) -> None:
+        self._windows(source).add(request_id, scored)
+
+    def record_outcome(self, source: str, request_id: str, failure: bool) -> None:
+        self._windows(source).record_outcome(request_id, failure)
+
+    def snapshot(self) -> dict[tuple[str, str], WindowSnapshot]:
+        """``(source, window)`` → drift snapshot, for every source seen so far."""
+        with self._lock:
+            items = list(self._by_source.items())
+        return {
+            (source, window): snap
+            for source, windows in items
+            for window, snap in windows.snapshot().items()
+        }
