@@ -438,9 +438,7 @@ class DicomMetrics:
             **r,
         )
         self.queue_images = Gauge(p + "queue_images", "Received instances waiting to be scored.", **r)
-        self.queue_capacity = Gauge(
-            p + "queue_capacity_images", "Size of the scoring queue (constant).", **r
-        )
+        self.queue_capacity = Gauge(p + "queue_capacity_images", "Size of the scoring queue (constant).", **r)
 
 
 def _finite(value: Any) -> float:

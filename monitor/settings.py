@@ -319,7 +319,9 @@ class Settings:
 
     dicom_tls_cert: str = field(
         default="",
-        metadata={"help": "PEM certificate of the DICOM node; with --dicom-tls-key it speaks DICOM TLS only."},
+        metadata={
+            "help": "PEM certificate of the DICOM node; with --dicom-tls-key it speaks DICOM TLS only."
+        },
     )
 
     dicom_tls_key: str = field(default="", metadata={"help": "PEM private key of --dicom-tls-cert."})
@@ -426,7 +428,9 @@ class Settings:
                     f"spaces (got {len(value)} characters)"
                 )
         if not -1 <= self.dicom_port <= 65535:
-            raise InvalidInputError(f"setting dicom_port must be -1 (off) or in 0..65535, got {self.dicom_port}")
+            raise InvalidInputError(
+                f"setting dicom_port must be -1 (off) or in 0..65535, got {self.dicom_port}"
+            )
         title = self.dicom_ae_title.strip()
         if not 1 <= len(title) <= 16 or "\\" in title or not title.isprintable():
             raise InvalidInputError(
@@ -440,7 +444,9 @@ class Settings:
                 "settings dicom_tls_cert and dicom_tls_key go together: give both for DICOM TLS, or neither"
             )
         if self.dicom_tls_ca and not self.dicom_tls_cert:
-            raise InvalidInputError("setting dicom_tls_ca needs dicom_tls_cert and dicom_tls_key (TLS is off)")
+            raise InvalidInputError(
+                "setting dicom_tls_ca needs dicom_tls_cert and dicom_tls_key (TLS is off)"
+            )
         if self.log_format not in LOG_FORMATS:
             raise InvalidInputError(
                 f"setting log_format must be one of {LOG_FORMATS}, got {self.log_format!r}"

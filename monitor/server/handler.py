@@ -140,6 +140,10 @@ class RequestHandler:
     def outcomes(self) -> OutcomeLog | None:
         return None if self.serving is None else self.serving.outcomes
 
+    @property
+    def source_windows(self) -> SourceWindows | None:
+        return None if self.serving is None else self.serving.source_windows
+
     def attach(self, engine: Engine) -> None:
         """Start serving ``engine``'s model (windows empty; outcome log from the store, if any).
 

@@ -121,3 +121,5 @@ def configure_logging(fmt: str, level: str, *, text_format: str = TEXT_FORMAT) -
     handler.addFilter(_SameWarningOnce())
     logging.basicConfig(level=level, handlers=[handler], force=True)
     warnings.showwarning = _log_warning
+    # pynetdicom narrates every association and DIMSE message at INFO; the DICOM node logs what matters.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLevelName(level)))

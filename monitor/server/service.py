@@ -16,6 +16,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 from wsgiref.simple_server import WSGIServer
 
 import grpc
@@ -25,7 +26,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 
 from ..engine import Engine
 from ..errors import MonitorError
-from ..metrics import MonitorMetrics
+from ..metrics import DicomMetrics, MonitorMetrics
 from ..proto import monitor_pb2_grpc as pb_grpc
 from ..settings import Settings
 from ..store import OutcomeStore
@@ -33,6 +34,9 @@ from .handler import RequestHandler, Serving
 from .logs import configure_logging
 from .security import CallGate, CountingExecutor, read_token, server_credentials
 from .servicer import SERVICE_NAME, ReliabilityMonitorServicer
+
+if TYPE_CHECKING:
+    from .dicom import DicomNode
 
 __all__ = ["MonitorServer", "build_engine", "build_server"]
 
@@ -131,6 +135,12 @@ class MonitorServer:
             self.health_port = _bind(self.health_server, settings.health_address, None, "health checks")
         self._metrics_http: WSGIServer | None = None
         self.metrics_port: int | None = None
+        self.dicom: DicomNode | None = None
+        if settings.dicom_port >= 0:
+            # Imported here so that a sidecar without the DICOM node never loads pynetdicom.
+            from . import dicom
+
+            self.dicom = dicom.DicomNode(settings, self.handler, self.metrics, DicomMetrics(self.registry))
 
     def start(self) -> None:
         """Start serving RPCs (NOT_SERVING until :meth:`attach`) and /metrics."""
@@ -148,6 +158,17 @@ class MonitorServer:
                     self.health_server.stop(None)
                 raise _BindError(f"cannot listen on {host}:{s.metrics_port} for /metrics ({exc})") from exc
             self.metrics_port = self._metrics_http.server_port
+        if self.dicom is not None:
+            try:
+                self.dicom.start()
+            except MonitorError:
+                self.grpc_server.stop(None)
+                if self.health_server is not None:
+                    self.health_server.stop(None)
+                if self._metrics_http is not None:
+                    self._metrics_http.shutdown()
+                    self._metrics_http.server_close()
+                raise
         log.info(
             "listening",
             extra={
@@ -156,8 +177,14 @@ class MonitorServer:
                 "tls": "mutual" if s.tls_client_ca else ("server" if s.tls_cert else "off"),
                 "health_port": self.health_port,
                 "metrics_port": self.metrics_port,
+                "dicom_port": self.dicom_port,
             },
         )
+
+    @property
+    def dicom_port(self) -> int | None:
+        """The bound DICOM port once started (None when the node is disabled or not started)."""
+        return None if self.dicom is None else self.dicom.port
 
     def attach(self, engine: Engine) -> None:
         """Serve ``engine``'s model: metrics describe it, health turns SERVING."""
@@ -245,12 +272,17 @@ class MonitorServer:
         windows = self.handler.windows
         assert windows is not None
         self.metrics.watch_windows(windows.snapshot)
+        sources = self.handler.source_windows
+        assert sources is not None
+        self.metrics.watch_source_windows(sources.snapshot)
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new RPCs, give in-flight ones ``grace`` seconds (default: settings), stop."""
         grace = self.settings.grace_seconds if grace is None else grace
         log.info("shutting down", extra={"grace_seconds": grace})
         self.health.enter_graceful_shutdown()
+        if self.dicom is not None:
+            self.dicom.stop(grace)
         self.grpc_server.stop(grace).wait()
         if self.health_server is not None:
             self.health_server.stop(None).wait()

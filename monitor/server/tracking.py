@@ -16,7 +16,14 @@ from ..engine import Engine
 from ..metrics import WindowSnapshot
 from ..types import ScoredImage
 
-__all__ = ["DriftWindows", "GRPC_SOURCE", "OutcomeLog", "Prediction", "SourceWindows", "TIME_WINDOW_MAX_IMAGES"]
+__all__ = [
+    "DriftWindows",
+    "GRPC_SOURCE",
+    "OutcomeLog",
+    "Prediction",
+    "SourceWindows",
+    "TIME_WINDOW_MAX_IMAGES",
+]
 
 GRPC_SOURCE = "grpc"
 """Source label of images scored through the gRPC API (DICOM images carry their calling AE title)."""
@@ -258,7 +265,5 @@ class SourceWindows:
         with self._lock:
             items = list(self._by_source.items())
         return {
-            (source, window): snap
-            for source, windows in items
-            for window, snap in windows.snapshot().items()
+            (source, window): snap for source, windows in items for window, snap in windows.snapshot().items()
         }
