@@ -444,8 +444,8 @@ def read_dicom_header(
         held = len(ds.PixelData)
         if held < expected:
             raise InvalidImageError(
-                f"{name}: (7FE0,0010) Pixel Data holds {held} bytes, {meta.rows}x{meta.columns} pixels at "
-                f"{bits} bits allocated need {expected}; the dataset is probably truncated"
+                f"{name}: (7FE0,0010) Pixel Data truncated: {held} bytes where {meta.rows}x{meta.columns} "
+                f"pixels at {bits} bits allocated need {expected}"
             )
     return meta
 

@@ -268,8 +268,9 @@ class DicomNode:
     def _on_requested(self, event: evt.Event) -> None:
         """Reject callers that are not allow-listed (by AE title, and address when one is given)."""
         assoc = event.assoc
-        calling = assoc.requestor.ae_title.strip()
-        called = assoc.requestor.primitive.called_ae_title.strip()
+        request = assoc.requestor.primitive  # requestor.ae_title is only set after negotiation
+        calling = request.calling_ae_title.strip()
+        called = request.called_ae_title.strip()
         address = assoc.requestor.address
         result = "accepted"
         if called != self.settings.dicom_ae_title:
