@@ -31,14 +31,14 @@ CORE = (
     "store",
     "refit",
 )
-FORBIDDEN = ("grpc", "prometheus_client")
+FORBIDDEN = ("grpc", "prometheus_client", "pynetdicom")
 
 
 def test_core_never_imports_transports() -> None:
     code = (
         "import monitor.engine, monitor.artifact, monitor.model, monitor.batch, monitor.fitting, monitor.store, "
         "monitor.refit; import sys; "
-        "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client'))])"
+        "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client', 'pynetdicom'))])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
@@ -118,3 +118,18 @@ def test_client_and_commands_do_not_reach_into_the_server_package() -> None:
             if n.startswith("monitor.server.") and "service" not in n and "logs" not in n
         ]
         assert bad == [], f"{path.relative_to(PACKAGE)} imports {bad}"
+
+
+def test_sidecar_without_dicom_node_never_loads_pynetdicom() -> None:
+    """The DICOM networking layer is loaded only when the node is enabled (dicom_port >= 0)."""
+    code = (
+        "from prometheus_client import CollectorRegistry; from monitor.server import build_server; "
+        "from monitor.settings import Settings; import sys; "
+        "s, _ = build_server(Settings(host='127.0.0.1', port=0, metrics_port=-1, decode_processes=0), "
+        "registry=CollectorRegistry()); "
+        "print([m for m in sys.modules if m.startswith('pynetdicom')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout

@@ -174,6 +174,20 @@ def test_bad_security_settings_name_the_setting(env: dict[str, str], message: st
             {"CXR_MONITOR_DECODE_PROCESSES": "-1"},
             "setting decode_processes must be 'auto' or a whole number >= 0, got '-1'",
         ),
+        ({"CXR_MONITOR_DICOM_PORT": "-2"}, "setting dicom_port must be -1 (off) or in 0..65535, got -2"),
+        (
+            {"CXR_MONITOR_DICOM_AE_TITLE": "A_TITLE_LONGER_THAN_16"},
+            "setting dicom_ae_title must be 1-16 printable characters without a backslash",
+        ),
+        (
+            {"CXR_MONITOR_DICOM_ALLOWED_AES": "PACS@not-an-ip"},
+            "setting dicom_allowed_aes: 'not-an-ip' in 'PACS@not-an-ip' is not an IP address",
+        ),
+        ({"CXR_MONITOR_DICOM_QUEUE_SIZE": "0"}, "setting dicom_queue_size must be >= 1, got 0"),
+        (
+            {"CXR_MONITOR_DICOM_TLS_CERT": "node.crt"},
+            "settings dicom_tls_cert and dicom_tls_key go together",
+        ),
     ],
 )
 def test_bad_values_name_the_setting(env: dict[str, str], message: str) -> None:
@@ -198,3 +212,15 @@ def test_only_settings_reads_the_environment() -> None:
         text = path.read_text()
         assert "os.environ" not in text and "getenv" not in text, path
     assert "os.environ" in (REPO / "monitor" / "settings.py").read_text()
+
+
+def test_dicom_settings_from_env_and_flags() -> None:
+    env = {
+        "CXR_MONITOR_DICOM_PORT": "11112",
+        "CXR_MONITOR_DICOM_ALLOWED_AES": " ORTHANC@127.0.0.1, CR_ROOM1 ,",
+    }
+    args = build_parser().parse_args(["serve", "--dicom-ae-title", "MONITOR2"])
+    s = Settings.load({f.name: getattr(args, f.name) for f in fields(Settings)}, environ=env)
+    assert (s.dicom_port, s.dicom_ae_title) == (11112, "MONITOR2")
+    assert s.dicom_allowed_callers == {"ORTHANC": "127.0.0.1", "CR_ROOM1": None}
+    assert Settings().dicom_port == -1  # off unless asked for
