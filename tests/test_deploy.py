@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import DRIFT_GAUGES, MonitorMetrics
+from monitor.metrics import DRIFT_GAUGES, DicomMetrics, MonitorMetrics
 from monitor.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,6 +107,8 @@ def exposed_names() -> set[str]:
     registry = CollectorRegistry()
     metrics = MonitorMetrics(registry)
     metrics.watch_windows(dict)  # registers the drift window gauges (no windows: no samples)
+    metrics.watch_source_windows(dict)  # and the per-source ones
+    DicomMetrics(registry)  # the DICOM node's, registered when it is enabled
     suffixes = {"counter": ("_total", "_created"), "histogram": ("_bucket", "_count", "_sum", "_created"),
                 "info": ("_info",), "gauge": ("",), "summary": ("", "_count", "_sum", "_created")}  # fmt: skip
     names = set()
@@ -219,6 +221,19 @@ def test_dashboard_covers_the_monitor(dashboard: dict) -> None:
     assert fleet_psi and all("cxr_monitor_reference_cluster_ratio" in e for e in fleet_psi)
     kinds = {p["type"] for p in _panels(dashboard)}
     assert {"heatmap", "table", "timeseries", "stat"} <= kinds
+
+
+def test_dashboard_shows_drift_and_dicom_traffic_per_source(dashboard: dict, exposed_names: set[str]) -> None:
+    """Every per-source drift gauge and every DICOM node metric has a panel, filtered by $source."""
+    exprs = [e for _, e in _queries(dashboard)]
+    used = set().union(*(promql_metric_names(e) for e in exprs))
+    dicom = {n for n in exposed_names if n.startswith("cxr_monitor_dicom_") and not n.endswith("_created")}
+    dicom -= {n for n in dicom if n.endswith(("_count", "_sum"))}
+    assert dicom - used == set()
+    for gauge in ("drift_psi", "drift_novelty_ratio", "drift_estimated_failure_ratio", "drift_detected"):
+        assert f"cxr_monitor_source_{gauge}" in used, gauge
+    assert any('source=~"$source"' in e for e in exprs)
+    assert "source" in {v["name"] for v in dashboard["templating"]["list"]}
 
 
 def test_rules_use_only_existing_metrics(exposed_names: set[str], recording_rules: set[str]) -> None:
