@@ -49,7 +49,7 @@ COPY models/default/ /opt/cxr-monitor/models/default/
 RUN mkdir -p /var/lib/cxr-monitor && chown ${UID}:${UID} /var/lib/cxr-monitor
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 50051 9108
+EXPOSE 50051 9108 11112
 # No --address: `health` asks 127.0.0.1 on the port serve uses (CXR_MONITOR_PORT, else 50051).
 HEALTHCHECK --interval=30s --timeout=10s --start-period=30s --retries=3 \
     CMD ["cxr-monitor", "health"]

@@ -670,6 +670,9 @@ def test_k8s_service_targets_sidecar_ports(k8s_docs: list[dict]) -> None:
     ports = {p["port"]: p for p in service["spec"]["ports"]}
     assert ports[DEFAULT_PORT]["targetPort"] in names and ports[DEFAULT_PORT]["appProtocol"] == "grpc"
     assert ports[DEFAULT_METRICS_PORT]["targetPort"] in names
+    assert ports[11112]["targetPort"] == "dicom" and "dicom" in names  # the DICOM routing destination
+    env = {e["name"]: e.get("value") for e in _sidecar(deployment).get("env", [])}
+    assert env["CXR_MONITOR_DICOM_PORT"] == "11112"
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -737,7 +740,8 @@ def test_dockerfile_exec_form_entrypoint_cmd_and_healthcheck() -> None:
     hc = final["HEALTHCHECK"]
     cmd = json.loads(hc[hc.index("CMD") + 3 :].strip())
     assert cmd == ["cxr-monitor", "health"]  # follows CXR_MONITOR_PORT (tests/test_client.py)
-    assert set(final["EXPOSE"].split()) == {str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT)}
+    # 11112: the DICOM storage node, when enabled (--dicom-port 11112, as in deploy/).
+    assert set(final["EXPOSE"].split()) == {str(DEFAULT_PORT), str(DEFAULT_METRICS_PORT), "11112"}
 
 
 def test_dockerfile_installs_the_lock_and_the_package() -> None:
