@@ -195,8 +195,8 @@ def saturated(kind: str, files: list[Path], probe_file: Path) -> dict[str, Any]:
         finally:
             assoc.release()
         flood.wait(timeout=600)
-        full = server.metric("cxr_monitor_dicom_stores_total", 'source="FLOOD",result="queue_full"')
-        queued = server.metric("cxr_monitor_dicom_stores_total", 'source="FLOOD",result="queued"')
+        full = server.metric("cxr_monitor_dicom_stores_total", 'result="queue_full",source="FLOOD"')
+        queued = server.metric("cxr_monitor_dicom_stores_total", 'result="queued",source="FLOOD"')
         lat = np.array(latencies) * 1e3
         return {
             "flood_instances": len(files),
