@@ -101,7 +101,9 @@ def register(sub: Any) -> None:
         """
         Serve cxrmonitor.v1.ReliabilityMonitor (Score, ScoreStream, ReportOutcome,
         GetModelInfo; protos/cxr_monitor/v1/monitor.proto) with grpc.health.v1 health
-        checking and server reflection, and Prometheus metrics on /metrics.
+        checking and server reflection, and Prometheus metrics on /metrics. With
+        --dicom-port, also a DICOM storage node (C-ECHO, C-STORE of CR, DX and Secondary
+        Capture) that scores every radiograph a PACS or router sends it, per calling AE title.
 
         Health is NOT_SERVING while the model loads, SERVING after, NOT_SERVING again
         from SIGTERM/SIGINT: the server then refuses new calls, lets in-flight ones
@@ -141,6 +143,7 @@ def register(sub: Any) -> None:
               --auth-token-file /run/secrets/token --health-port 50052 --metrics-host 127.0.0.1
           cxr-monitor serve --store /var/lib/cxr-monitor/outcomes.sqlite
           kill -HUP <pid>      # reload the model directory
+          cxr-monitor serve --dicom-port 11112 --dicom-allowed-aes 'ORTHANC@10.0.0.5,CR_ROOM1'
         """,
     )
     for f in fields(Settings):

@@ -238,10 +238,8 @@ class DicomNode:
         Instances still queued after that are dropped (counted in the log line): their
         senders were answered success, so a shutdown loses at most ``dicom_queue_size`` scores.
         """
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
-        self._ae.shutdown()
+        self._ae.shutdown()  # closes the listening socket and aborts open associations
+        self._server = None
         deadline = time.monotonic() + grace
         for _ in self._workers:
             try:
