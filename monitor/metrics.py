@@ -421,7 +421,8 @@ class DicomMetrics:
         )
         self.scoring_failures = Counter(
             p + "scoring_failures",
-            "Queued instances that could not be scored after the C-STORE reply, by reason.",
+            "Queued instances that could not be scored after the C-STORE reply, by reason: malformed, "
+            "no_pixel_data, unsupported_image, too_large, decode_timeout, decoder_crashed, internal.",
             ["source", "reason"],
             **r,
         )

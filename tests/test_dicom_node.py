@@ -37,8 +37,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage, SecondaryCaptureImageStorage
 
-from monitor.cli import default_model_dir
 from monitor.client import ReliabilityClient
+from monitor.defaults import default_model_dir
 from monitor.engine import Engine
 from monitor.server import build_server
 from monitor.settings import Settings
@@ -116,7 +116,15 @@ class Node:
         """Every queued instance of ``source`` has been scored or failed."""
         done = self.scored(source) + sum(
             self.get("cxr_monitor_dicom_scoring_failures_total", source=source, reason=r)
-            for r in ("malformed", "no_pixel_data", "unsupported_image", "too_large", "internal")
+            for r in (
+                "malformed",
+                "no_pixel_data",
+                "unsupported_image",
+                "too_large",
+                "decode_timeout",
+                "decoder_crashed",
+                "internal",
+            )
         )
         return done >= self.stored(source, "queued")
 
@@ -133,16 +141,19 @@ class Node:
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
+    """Decoding in the scoring threads (``--decode-processes 0``)."""
     return Engine.from_directory(default_model_dir(), max_pixels=MAX_PIXELS)
 
 
 @pytest.fixture(scope="module")
-def node(engine: Engine) -> Iterator[Node]:
-    n = Node(
-        engine, dicom_allowed_aes="MODALITY1,ROUTER2@127.0.0.1,ORTHANC,FARAWAY@10.9.9.9", dicom_workers=2
-    )
+def node() -> Iterator[Node]:
+    """The node as shipped on 2 CPUs: 2 decoder processes (``--decode-processes auto``)."""
+    with_processes = Engine.from_directory(default_model_dir(), max_pixels=MAX_PIXELS, decode_processes=2)
+    allowed = "MODALITY1,ROUTER2@127.0.0.1,ORTHANC,FARAWAY@10.9.9.9"
+    n = Node(with_processes, dicom_allowed_aes=allowed, dicom_workers=2)
     yield n
     n.server.stop(5)
+    with_processes.close()
 
 
 @pytest.fixture(scope="module")
@@ -199,7 +210,7 @@ def test_storescu_shared_dicoms_scored_under_calling_ae(node: Node, data_dir: Pa
     # A later outcome joins the instance by its SOP Instance UID, with the engine's own score.
     with ReliabilityClient(node.address, timeout=30) as client:
         reply = client.report_outcome(_uid(j2k), failure=True)
-    expected = engine.score_path(j2k).result
+    expected = engine.score(j2k).result
     assert reply.cluster == expected.cluster
     assert reply.failure_probability == pytest.approx(expected.failure_probability)
     assert node.get("cxr_monitor_source_drift_realized_failure_ratio", **labels) == 1.0
@@ -226,7 +237,7 @@ def test_storescu_nih_secondary_capture_in_each_transfer_syntax(
     # Lossless transcodes: the node scored exactly the pixels of the original image.
     with ReliabilityClient(node.address, timeout=30) as client:
         reply = client.report_outcome(_uid(files[0]), failure=False)
-    assert reply.failure_probability == pytest.approx(engine.score_path(nih_sc[0]).result.failure_probability)
+    assert reply.failure_probability == pytest.approx(engine.score(nih_sc[0]).result.failure_probability)
 
 
 # --------------------------------------------------------------------------- Orthanc

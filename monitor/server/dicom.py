@@ -60,6 +60,7 @@ from pynetdicom.sop_class import (
 )
 
 from .. import imaging
+from ..decoding import DecoderCrashedError, DecodeTimeoutError
 from ..errors import (
     ImageTooLargeError,
     InvalidInputError,
@@ -366,10 +367,10 @@ class DicomNode:
             del job  # drop the instance's bytes before waiting for the next one
 
     def _score(self, data: bytes, uid: str) -> ScoredImage:
-        """The node's one scoring call (the same engine as the gRPC API)."""
+        """The node's one scoring call: the same engine, and decoder processes, as the gRPC API."""
         engine = self._handler.engine
         assert engine is not None  # instances are queued only once the model is attached
-        return engine.score_bytes(data, kind="dicom", name=f"instance {uid}")
+        return engine.score(data, kind="dicom", name=f"instance {uid}")
 
     def _failed(self, job: _Job, reason: str, message: str) -> None:
         self._dm.scoring_failures.labels(source=job.source, reason=reason).inc()
@@ -384,6 +385,10 @@ def _reason_text(exc: Exception, uid: str) -> str:
 
 
 def _failure_reason(exc: MonitorError) -> str:
+    if isinstance(exc, DecodeTimeoutError):
+        return "decode_timeout"
+    if isinstance(exc, DecoderCrashedError):
+        return "decoder_crashed"
     if isinstance(exc, MissingPixelDataError):
         return "no_pixel_data"
     if isinstance(exc, ImageTooLargeError):
