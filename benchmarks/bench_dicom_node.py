@@ -17,6 +17,9 @@ and for each set measures
    sent -> response received, transfer included). The server's own ``store_ack_seconds``
    (header check and queueing) is reported beside it.
 
+Both for the shipped server (``--decode-processes auto``: one decoder process per CPU) and for
+decoding in the node's scoring threads (``--decode-processes 0``), side by side per set.
+
 Writes ``benchmarks/results/dicom_node.json`` and ``dicom_node.md``. The load generator runs on
 the same cores as the server.
 
@@ -56,6 +59,9 @@ SOURCE = DATA / "dicom" / "cxr_pa_cr_philips_j2k.dcm"
 RESULTS = REPO / "benchmarks" / "results"
 QUEUE = 64  # the shipped dicom_queue_size
 PROPOSE = {"j2k": "-xw", "uncompressed": "-xe"}
+#: Server configurations compared: the shipped one (one decoder process per CPU, 2 here) and decoding
+#: in the scoring threads.
+CONFIGS = {"decode-processes auto": "auto", "decode-processes 0": "0"}
 
 
 def _free_port() -> int:
@@ -83,12 +89,12 @@ def _instances(kind: str, n: int, folder: Path) -> list[Path]:
 class Server:
     """``cxr-monitor serve`` with the DICOM node, in its own process."""
 
-    def __init__(self, queue_size: int) -> None:
+    def __init__(self, queue_size: int, decode_processes: str) -> None:
         self.port, self.metrics_port, self.dicom_port = _free_port(), _free_port(), _free_port()
         command = [str(REPO / ".venv" / "bin" / "cxr-monitor"), "serve", "--host", "127.0.0.1",
                    "--port", str(self.port), "--metrics-port", str(self.metrics_port),
                    "--dicom-port", str(self.dicom_port), "--dicom-queue-size", str(queue_size),
-                   "--dicom-allowed-aes", "WARMUP,BENCH,FLOOD,PROBE",
+                   "--dicom-allowed-aes", "WARMUP,BENCH,FLOOD,PROBE", "--decode-processes", decode_processes,
                    "--log-level", "WARNING"]  # fmt: skip
         self.proc = subprocess.Popen(command, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 120
@@ -145,8 +151,8 @@ def _scored(server: Server) -> float:
     return server.metric("cxr_monitor_images_scored_total")
 
 
-def sustained(kind: str, files: list[Path]) -> dict[str, Any]:
-    server = Server(queue_size=max(QUEUE, len(files)))
+def sustained(kind: str, files: list[Path], decode_processes: str) -> dict[str, Any]:
+    server = Server(max(QUEUE, len(files)), decode_processes)
     try:
         warm = _storescu(server, kind, files[:2], "WARMUP")  # plans, caches, first decode
         warm.wait(timeout=300)
@@ -169,8 +175,8 @@ def sustained(kind: str, files: list[Path]) -> dict[str, Any]:
         server.stop()
 
 
-def saturated(kind: str, files: list[Path], probe_file: Path) -> dict[str, Any]:
-    server = Server(queue_size=QUEUE)
+def saturated(kind: str, files: list[Path], probe_file: Path, decode_processes: str) -> dict[str, Any]:
+    server = Server(QUEUE, decode_processes)
     try:
         warm = _storescu(server, kind, files[:2], "WARMUP")
         warm.wait(timeout=300)
@@ -231,20 +237,21 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
             lines.append(f"_{run['note']}_")
         lines += [
             "",
-            "| instances | sustained inst/s | all acked (s) | all scored (s) | flood | queued | 0xA700 "
+            "| server | instances | sustained inst/s | all acked (s) | all scored (s) | flood | queued | 0xA700 "
             "| probe ack p50 / p99 / max (ms) | probe statuses | server ack p50 / p99 <= (s) |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        for kind, r in run["results"].items():
-            s, f = r["sustained"], r["saturated"]
-            a = f["probe_ack_ms"]
-            lines.append(
-                f"| {kind} x {s['instances']} | {s['instances_per_s']} | {s['all_acknowledged_s']} | "
-                f"{s['all_scored_s']} | {f['flood_instances']} | {f['queued']:.0f} | "
-                f"{f['queue_full_replies']:.0f} | {a['p50']} / {a['p99']} / {a['max']} | "
-                f"{f['probe_statuses']} | {f['server_store_ack']['p50_le_s']} / "
-                f"{f['server_store_ack']['p99_le_s']} |"
-            )
+        for config, per_kind in run["results"].items():
+            for kind, r in per_kind.items():
+                s, f = r["sustained"], r["saturated"]
+                a = f["probe_ack_ms"]
+                lines.append(
+                    f"| {config} | {kind} x {s['instances']} | {s['instances_per_s']} | {s['all_acknowledged_s']} | "
+                    f"{s['all_scored_s']} | {f['flood_instances']} | {f['queued']:.0f} | "
+                    f"{f['queue_full_replies']:.0f} | {a['p50']} / {a['p99']} / {a['max']} | "
+                    f"{f['probe_statuses']} | {f['server_store_ack']['p50_le_s']} / "
+                    f"{f['server_store_ack']['p99_le_s']} |"
+                )
         lines.append("")
     return "\n".join(lines)
 
@@ -286,11 +293,14 @@ def main() -> int:
         for kind in ("j2k", "uncompressed"):
             files = _instances(kind, max(args.instances, args.flood), Path(tmp) / kind)
             probe = _instances(kind, 1, Path(tmp) / f"{kind}-probe")[0]
-            result["results"][kind] = {
-                "sustained": sustained(kind, files[: args.instances]),
-                "saturated": saturated(kind, files[: args.flood], probe),
-            }
-            print(kind, json.dumps(result["results"][kind]), flush=True)
+            # Configurations side by side for each kind, so that the machine's load drifts less between them.
+            for config, processes in CONFIGS.items():
+                r = result["results"].setdefault(config, {})
+                r[kind] = {
+                    "sustained": sustained(kind, files[: args.instances], processes),
+                    "saturated": saturated(kind, files[: args.flood], probe, processes),
+                }
+                print(config, kind, json.dumps(r[kind]), flush=True)
             for f in files:
                 f.unlink()
     RESULTS.mkdir(parents=True, exist_ok=True)

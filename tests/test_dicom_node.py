@@ -470,3 +470,18 @@ def test_dicom_tls_with_client_certificates(engine: Engine, certificates: Path) 
         assert tls.get("cxr_monitor_dicom_echoes_total", source="other") == 1
     finally:
         tls.server.stop(5)
+
+
+# --------------------------------------------------------------------------- lifecycle
+
+
+def test_stop_scores_what_was_acknowledged_within_the_grace_period(engine: Engine, data_dir: Path) -> None:
+    """Instances already acknowledged are scored before stop() returns (given the grace to do it)."""
+    n = Node(engine, dicom_queue_size=8, dicom_workers=1)
+    try:
+        n.storescu("MODALITY1", *[data_dir / "dicom" / J2K] * 3, options=("-xw",))
+        assert n.stored("other", "queued") == 3
+    finally:
+        n.server.stop(TIMEOUT)
+    assert n.scored("other") == 3
+    assert n.echoscu("MODALITY1", ok=False).returncode != 0  # no longer listening

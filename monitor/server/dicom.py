@@ -242,20 +242,21 @@ class DicomNode:
         self._ae.shutdown()  # closes the listening socket and aborts open associations
         self._server = None
         deadline = time.monotonic() + grace
-        for _ in self._workers:
-            try:
-                self._queue.put(None, timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Full:
-                break
-        for t in self._workers:
-            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        while not self._queue.empty() and time.monotonic() < deadline:
+            time.sleep(0.05)
         dropped = 0
         while True:
             try:
-                job = self._queue.get_nowait()
+                dropped += self._queue.get_nowait() is not None
             except queue.Empty:
                 break
-            dropped += job is not None
+        for _ in self._workers:  # one end marker each; the queue is empty, so this does not wait long
+            try:
+                self._queue.put(None, timeout=5.0)
+            except queue.Full:
+                break
+        for t in self._workers:
+            t.join(timeout=max(0.1, deadline - time.monotonic()))
         log.info("DICOM node stopped", extra={"unscored_instances_dropped": dropped})
 
     # ------------------------------------------------------------------ association
