@@ -14,7 +14,13 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
-from monitor.errors import ImageTooLargeError, InvalidImageError, InvalidInputError, UnsupportedImageError
+from monitor.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    InvalidInputError,
+    MissingPixelDataError,
+    UnsupportedImageError,
+)
 from monitor.imaging import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
@@ -23,6 +29,7 @@ from monitor.imaging import (
     iter_image_files,
     load_bytes,
     load_image,
+    read_dicom_header,
     sniff_format,
 )
 
@@ -671,3 +678,36 @@ def test_iter_image_files_on_real_folder(data_dir: Path) -> None:
 def test_iter_image_files_not_a_directory(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"absent: not a directory"):
         iter_image_files(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- read_dicom_header
+
+
+def test_read_dicom_header_checks_without_decoding(data_dir: Path) -> None:
+    meta = read_dicom_header((data_dir / "dicom" / "cxr_pa_cr_philips_j2k.dcm").read_bytes(), name="cr")
+    assert (meta.rows, meta.columns, meta.photometric_interpretation) == (1955, 1841, "MONOCHROME1")
+    pixels = _ramp(200, 300, hi=4095, dtype="uint16")
+    assert read_dicom_header(_dicom_bytes(pixels, bits_stored=12)).columns == 300
+
+
+def test_read_dicom_header_reasons() -> None:
+    pixels = _ramp(200, 300, hi=4095, dtype="uint16")
+    with pytest.raises(MissingPixelDataError, match=r"x: \(7FE0,0010\) Pixel Data is missing$"):
+        read_dicom_header(_dicom_bytes(None, Rows=200, Columns=300), name="x")
+    full = _dicom_bytes(pixels)
+    short = _dicom_bytes(pixels, PixelData=pixels.tobytes()[:1000])
+    with pytest.raises(
+        InvalidImageError, match=r"Pixel Data truncated: 1000 bytes where 200x300 pixels at 16 bits"
+    ):
+        read_dicom_header(short, name="x")
+    with pytest.raises(InvalidImageError, match="truncated") as cut:
+        read_dicom_header(full[: len(full) - 5000], name="x")
+    assert not isinstance(
+        cut.value, MissingPixelDataError
+    )  # cut inside Pixel Data: truncated, not pixel-less
+    with pytest.raises(UnsupportedImageError, match="Photometric Interpretation 'RGB'"):
+        read_dicom_header(_dicom_bytes(np.zeros((80, 80, 3), np.uint8), photometric="RGB", samples=3))
+    with pytest.raises(ImageTooLargeError):
+        read_dicom_header(full, max_pixels=1000)
+    with pytest.raises(InvalidImageError, match="not a readable DICOM file"):
+        read_dicom_header(b"DICM but not really" * 20)
