@@ -57,7 +57,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SOURCE = DATA / "dicom" / "cxr_pa_cr_philips_j2k.dcm"
 RESULTS = REPO / "benchmarks" / "results"
-QUEUE = 64  # the shipped dicom_queue_size
+QUEUE = 64  # --dicom-queue-size of the saturation runs (runs 1-2 were measured with it)
 PROPOSE = {"j2k": "-xw", "uncompressed": "-xe"}
 #: Server configurations compared: the shipped one (one decoder process per CPU, 2 here) and decoding
 #: in the scoring threads.

@@ -92,6 +92,7 @@ DRIFT_GAUGES: dict[str, tuple[str, str]] = {
 DICOM_STORE_RESULTS = (
     "queued",
     "queue_full",
+    "overloaded",
     "not_ready",
     "malformed",
     "no_pixel_data",
@@ -414,7 +415,7 @@ class DicomMetrics:
         self.stores = Counter(
             p + "stores",
             "C-STORE requests by result: queued (status 0x0000) or the reason of the failure status "
-            "(queue_full and not_ready 0xA700, no_pixel_data 0xA900, malformed / unsupported_image / "
+            "(queue_full, overloaded and not_ready 0xA700, no_pixel_data 0xA900, malformed / unsupported_image / "
             "too_large / internal 0xC000).",
             ["source", "result"],
             **r,

@@ -79,7 +79,7 @@ DEFAULT_STORE_MAX_AGE_DAYS = 365.0
 DEFAULT_STORE_MAX_ROWS = 2_000_000
 DEFAULT_DICOM_PORT = -1
 DEFAULT_DICOM_AE_TITLE = "CXRMONITOR"
-DEFAULT_DICOM_QUEUE_SIZE = 64
+DEFAULT_DICOM_QUEUE_SIZE = 16  # a quarter of max_concurrent_rpcs: a DICOM flood leaves gRPC room
 DEFAULT_DICOM_WORKERS = 2
 DEFAULT_LOG_FORMAT = "json"
 DEFAULT_LOG_LEVEL = "INFO"
@@ -308,7 +308,8 @@ class Settings:
         default=DEFAULT_DICOM_QUEUE_SIZE,
         metadata={
             "help": "Received instances waiting to be scored; when full, C-STORE answers 0xA700 "
-            "(out of resources) at once instead of making the sender wait."
+            "(out of resources) at once instead of making the sender wait. Queued instances also "
+            "count in --max-concurrent-rpcs and --memory-budget-bytes, shared with gRPC requests."
         },
     )
 

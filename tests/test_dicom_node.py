@@ -485,3 +485,17 @@ def test_stop_scores_what_was_acknowledged_within_the_grace_period(engine: Engin
         n.server.stop(TIMEOUT)
     assert n.scored("other") == 3
     assert n.echoscu("MODALITY1", ok=False).returncode != 0  # no longer listening
+
+
+def test_instances_share_the_servers_memory_budget(engine: Engine, data_dir: Path) -> None:
+    """An instance whose decode would not fit in --memory-budget-bytes gets 0xA700, as gRPC would shed it."""
+    n = Node(engine, memory_budget_bytes=20_000_000)  # the 1955 x 1841 CR needs ~43 MB, 1024 x 1024 ~13
+    try:
+        out = n.storescu("MODALITY1", data_dir / "dicom" / J2K, options=("-xw", "-v"), ok=False)
+        assert "Refused: OutOfResources" in out.stderr
+        assert n.stored("other", "overloaded") == 1 and n.stored("other", "queued") == 0
+        assert n.get("cxr_monitor_shed_requests_total", reason="memory") == 1
+        n.storescu("MODALITY1", data_dir / "dicom" / JPEG, options=("-xy",))  # 1024 x 1024 fits
+        _wait(lambda: n.scored("other") == 1, "the smaller instance scored")
+    finally:
+        n.server.stop(5)

@@ -12,8 +12,9 @@ C-STORE statuses (the reason is also the ``result`` label of ``cxr_monitor_dicom
 
 ======  =========================================================================
 0x0000  queued for scoring (``queued``)
-0xA700  out of resources: the queue is full (``queue_full``) or the model is still
-        loading (``not_ready``); the sender may retry later
+0xA700  out of resources: the queue is full (``queue_full``), the server is at its in-flight
+        count or memory budget, which DICOM and gRPC share (``overloaded``), or the model is
+        still loading (``not_ready``); the sender may retry later
 0xA900  data set does not match the SOP class: no Pixel Data (``no_pixel_data``)
 0xC000  cannot understand: unreadable or truncated (``malformed``), not a single-frame
         grayscale radiograph (``unsupported_image``), larger than ``max_pixels``
@@ -71,6 +72,7 @@ from ..errors import (
 from ..metrics import DicomMetrics, MonitorMetrics
 from ..settings import Settings
 from ..types import ScoredImage
+from .admission import OverloadedError, Pass
 from .handler import RequestHandler
 
 __all__ = ["OTHER_SOURCE", "RADIOGRAPH_STORAGE", "TRANSFER_SYNTAXES", "DicomNode"]
@@ -117,6 +119,7 @@ _CANNOT_UNDERSTAND = 0xC000
 _STATUS = {
     "queued": _SUCCESS,
     "queue_full": _OUT_OF_RESOURCES,
+    "overloaded": _OUT_OF_RESOURCES,
     "not_ready": _OUT_OF_RESOURCES,
     "no_pixel_data": _DATASET_MISMATCH,
     "malformed": _CANNOT_UNDERSTAND,
@@ -131,6 +134,7 @@ class _Job:
     uid: str
     data: bytes
     source: str
+    admitted: Pass  # its place in the server's in-flight count and memory budget, shared with gRPC
     received: float = field(default_factory=time.monotonic)
 
 
@@ -247,9 +251,12 @@ class DicomNode:
         dropped = 0
         while True:
             try:
-                dropped += self._queue.get_nowait() is not None
+                job = self._queue.get_nowait()
             except queue.Empty:
                 break
+            if job is not None:
+                job.admitted.done()
+                dropped += 1
         for _ in self._workers:  # one end marker each; the queue is empty, so this does not wait long
             try:
                 self._queue.put(None, timeout=5.0)
@@ -343,9 +350,17 @@ class DicomNode:
             imaging.read_dicom_header(data, name=f"instance {uid}", max_pixels=engine.max_pixels)
         except InvalidInputError as exc:
             return _failure_reason(exc), _reason_text(exc, uid)
+        # The same admission as a gRPC request (count and memory; a router has no deadline to judge).
+        held, decode = engine.memory_estimate(data, kind="dicom")
         try:
-            self._queue.put_nowait(_Job(uid, data, source))
+            admitted = self._handler.admission.admit(held, decode, None, f"instance {uid}")
+        except OverloadedError as exc:
+            self._metrics.observe_shed(exc.reason)
+            return "overloaded", f"server overloaded ({exc.reason}), retry later"
+        try:
+            self._queue.put_nowait(_Job(uid, data, source, admitted))
         except queue.Full:
+            admitted.done()
             return "queue_full", f"scoring queue full ({self._queue.maxsize}), retry later"
         return "queued", ""
 
@@ -354,7 +369,10 @@ class DicomNode:
         while (job := self._queue.get()) is not None:
             self._dm.queue_wait.observe(time.monotonic() - job.received)
             try:
-                scored = self._score(job.data, job.uid)
+                with job.admitted:
+                    job.admitted.start()  # waits until its decode fits in the memory budget
+                    scored = self._score(job.data, job.uid)
+                    job.admitted.served()
             except MonitorError as exc:
                 self._failed(job, _failure_reason(exc), str(exc))
             except Exception:
