@@ -346,6 +346,7 @@ class DicomNode:
             return "not_ready", "model still loading, retry later"
         data = event.encoded_dataset(include_meta=True)
         self._metrics.observe_input(len(data))
+        self._handler.trimmer.note(len(data))  # pynetdicom buffered it: large instances fragment the heap
         try:
             imaging.read_dicom_header(data, name=f"instance {uid}", max_pixels=engine.max_pixels)
         except InvalidInputError as exc:
