@@ -53,11 +53,13 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.sop_class import ComputedRadiographyImageStorage
 
+from monitor.settings import DEFAULT_DICOM_QUEUE_SIZE
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 SOURCE = DATA / "dicom" / "cxr_pa_cr_philips_j2k.dcm"
 RESULTS = REPO / "benchmarks" / "results"
-QUEUE = 64  # --dicom-queue-size of the saturation runs (runs 1-2 were measured with it)
+QUEUE = DEFAULT_DICOM_QUEUE_SIZE  # saturation runs use the shipped queue (runs 1-2 used 64)
 PROPOSE = {"j2k": "-xw", "uncompressed": "-xe"}
 #: Server configurations compared: the shipped one (one decoder process per CPU, 2 here) and decoding
 #: in the scoring threads.
@@ -202,12 +204,15 @@ def saturated(kind: str, files: list[Path], probe_file: Path, decode_processes: 
             assoc.release()
         flood.wait(timeout=600)
         full = server.metric("cxr_monitor_dicom_stores_total", 'result="queue_full",source="FLOOD"')
+        overloaded = server.metric("cxr_monitor_dicom_stores_total", 'result="overloaded",source="FLOOD"')
         queued = server.metric("cxr_monitor_dicom_stores_total", 'result="queued",source="FLOOD"')
         lat = np.array(latencies) * 1e3
         return {
             "flood_instances": len(files),
             "queued": queued,
+            "queue_size": QUEUE,
             "queue_full_replies": full,
+            "overloaded_replies": overloaded,
             "probe_sends": len(latencies),
             "probe_statuses": statuses,
             "probe_ack_ms": {
@@ -248,7 +253,7 @@ def _markdown(runs: list[dict[str, Any]]) -> str:
                 lines.append(
                     f"| {config} | {kind} x {s['instances']} | {s['instances_per_s']} | {s['all_acknowledged_s']} | "
                     f"{s['all_scored_s']} | {f['flood_instances']} | {f['queued']:.0f} | "
-                    f"{f['queue_full_replies']:.0f} | {a['p50']} / {a['p99']} / {a['max']} | "
+                    f"{f['queue_full_replies'] + f.get('overloaded_replies', 0):.0f} | {a['p50']} / {a['p99']} / {a['max']} | "
                     f"{f['probe_statuses']} | {f['server_store_ack']['p50_le_s']} / "
                     f"{f['server_store_ack']['p99_le_s']} |"
                 )
