@@ -337,6 +337,7 @@ class MonitorMetrics:
     def watch_store(self, stats: Callable[[], Mapping[str, int]]) -> None:
         """Export the outcome store's counters from ``stats()`` (called on every collection)."""
         self.registry.register(_StoreCollector(stats))
+
     def watch_source_windows(self, snapshot: Callable[[], Mapping[tuple[str, str], WindowSnapshot]]) -> None:
         """Export ``cxr_monitor_source_drift_*{source, window}`` from ``snapshot()`` (each collection)."""
         if self._source_drift is not None:

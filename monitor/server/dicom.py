@@ -62,6 +62,7 @@ from pynetdicom.sop_class import (
 
 from .. import imaging
 from ..decoding import DecoderCrashedError, DecodeTimeoutError
+from ..engine import Engine
 from ..errors import (
     ImageTooLargeError,
     InvalidInputError,
@@ -370,10 +371,7 @@ class DicomNode:
         while (job := self._queue.get()) is not None:
             self._dm.queue_wait.observe(time.monotonic() - job.received)
             try:
-                with job.admitted:
-                    job.admitted.start()  # waits until its decode fits in the memory budget
-                    scored = self._score(job.data, job.uid)
-                    job.admitted.served()
+                self._score_and_record(job)
             except MonitorError as exc:
                 self._failed(job, _failure_reason(exc), str(exc))
             except Exception:
@@ -382,14 +380,21 @@ class DicomNode:
                     "unexpected error scoring a DICOM instance", extra={"error_ref": ref, "uid": job.uid}
                 )
                 self._failed(job, "internal", f"internal error (server log reference {ref})")
-            else:
-                self._handler.record(job.uid, scored, source=job.source)
             del job  # drop the instance's bytes before waiting for the next one
 
-    def _score(self, data: bytes, uid: str) -> ScoredImage:
+    def _score_and_record(self, job: _Job) -> None:
+        # Read the served model once, and count as one of its calls, so that a hot reload lets
+        # this instance finish on the model that scores it (as a gRPC call does).
+        serving = self._handler.current()
+        with serving.calls, job.admitted:
+            job.admitted.start()  # waits until its decode fits in the memory budget
+            scored = self._score(serving.engine, job.data, job.uid)
+            job.admitted.served()
+            self._handler.record(job.uid, scored, source=job.source, serving=serving)
+
+    @staticmethod
+    def _score(engine: Engine, data: bytes, uid: str) -> ScoredImage:
         """The node's one scoring call: the same engine, and decoder processes, as the gRPC API."""
-        engine = self._handler.engine
-        assert engine is not None  # instances are queued only once the model is attached
         return engine.score(data, kind="dicom", name=f"instance {uid}")
 
     def _failed(self, job: _Job, reason: str, message: str) -> None:

@@ -380,7 +380,11 @@ class RequestHandler:
         serving.outcomes.remember(
             request_id,
             Prediction(
-                r.cluster, r.failure_probability, r.cluster_failure_probability, classifier_score, source=source
+                r.cluster,
+                r.failure_probability,
+                r.cluster_failure_probability,
+                classifier_score,
+                source=source,
             ),
         )
         if self.store is not None and scored.profile is not None:
