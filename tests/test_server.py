@@ -278,7 +278,10 @@ def test_message_above_max_message_bytes_is_resource_exhausted(
 
 def test_deadline_exceeded(client: ReliabilityClient, data_dir: Path) -> None:
     err = _rpc_error(client.score_file, data_dir / "dicom" / DICOMS[2], timeout=0.001)
-    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    # The client's own timer (DEADLINE_EXCEEDED) or the server's admission, which refuses a call it
+    # cannot serve in time (DEADLINE_EXCEEDED when even an idle server could not, else RESOURCE_EXHAUSTED).
+    assert err.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert "deadline" in err.details().lower()
     assert client.score_file(data_dir / "dicom" / DICOMS[0]).image.format == "dicom"
 
 
