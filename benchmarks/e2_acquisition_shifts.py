@@ -39,7 +39,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.drift_baselines import intensity_statistics, thumbnail  # noqa: E402
-from benchmarks.shifts import LEVEL_NAMES, LEVELS, SHIFTS, apply_shift  # noqa: E402
+from benchmarks.shifts import LEVEL_NAMES, LEVELS, OUTPUT_BITS, SHIFTS, apply_shift  # noqa: E402
 from monitor.clustering import SpectralClusterer  # noqa: E402
 from monitor.imaging import load_image  # noqa: E402
 from monitor.model import ReliabilityModel  # noqa: E402
@@ -130,7 +130,8 @@ def _featurize_one(
     path: Path, index: int, conds: list[tuple[str, str]], seed: int, with_classifier: bool, with_thumb: bool
 ) -> dict[str, np.ndarray]:
     profiler = SpectralProfiler()
-    pixels = load_image(path).pixels
+    image = load_image(path)
+    pixels, bits = image.pixels, image.meta.bits_stored
     out: dict[str, list] = {"profile": [], "stats": [], "thumb": [], "clf": []}
     for kind, level in conds:
         x = (
@@ -138,7 +139,13 @@ def _featurize_one(
             if (kind, level) == CLEAN
             else apply_shift(pixels, kind, level, seed=_image_seed(seed, index, kind))
         )
-        out["profile"].append(profiler.profile(x))
+        out_bits = OUTPUT_BITS.get(kind, bits)
+        if out_bits != bits:
+            # Stored at another depth (a VOI window baked into 16-bit data): profile those values.
+            full = 2.0**out_bits - 1
+            out["profile"].append(profiler.profile(np.rint(x / (2.0**bits - 1) * full), out_bits))
+        else:
+            out["profile"].append(profiler.profile(x, bits))
         out["stats"].append(intensity_statistics(x))
         if with_thumb:
             out["thumb"].append(thumbnail(x, 32))

@@ -118,7 +118,8 @@ def _core_flags(model: ReliabilityModel, w: WindowStats) -> dict[str, float]:
     return {
         "drift": float(r.drift),
         "mix": float(r.chi2_p < t.chi2_alpha and r.psi > t.psi_min and r.n_images >= t.min_images),
-        "novelty": float(any(x.startswith("novel") for x in r.reasons)),
+        "novelty": float(r.novelty_drift),
+        "intensity": float(r.intensity_drift),
         "psi": r.psi,
         "chi2_p": r.chi2_p,
         "novelty_rate": r.novelty_rate,
@@ -439,6 +440,7 @@ DETECTORS = (
     ("half_drift", "core verdict (half model)"),
     ("half_mix", "core: cluster mix (chi2+PSI)"),
     ("half_novelty", "core: novelty"),
+    ("half_intensity", "core: intensity"),
     ("default_drift", "core verdict (default model)"),
     ("ks", "KS intensity, alpha 0.05"),
     ("ks_matched", "KS intensity, matched FA"),
@@ -608,8 +610,9 @@ def write_markdown(path: Path, meta: dict, power: list, delay: list, nih_est: li
             "",
             f"## Share of windows flagged, window of {size} images",
             "",
-            "First two rows: no drift (false alarms) and another hospital. 'mix' and 'novelty' are the two "
-            "components of the core verdict.",
+            "First two rows: no drift (false alarms) and another hospital. 'cluster mix', 'novelty' and "
+            "'intensity' are the three components of the core verdict (intensity: a Benjamini–Hochberg "
+            "corrected per-feature mean test, see docs/spectral-profile.md).",
             "",
             "| stream | mixed in | "
             + " | ".join(label for _, label in DETECTORS)

@@ -25,14 +25,20 @@ __all__ = [
     "LEVELS",
     "LEVEL_NAMES",
     "SHIFTS",
+    "OUTPUT_BITS",
     "apply_shift",
     "blur",
+    "brightness",
+    "clahe",
+    "contrast",
     "downsample_upsample",
+    "equalize",
     "gamma",
     "grid",
     "jpeg",
     "quantum_noise",
     "unsharp_mask",
+    "voi_window",
 ]
 
 LEVEL_NAMES = ("mild", "moderate", "strong")
@@ -132,6 +138,98 @@ def gamma(pixels: np.ndarray, exponent: float, *, max_value: float = 255.0, seed
     return _clip(max_value * np.power(np.clip(x / max_value, 0, 1), exponent), max_value)
 
 
+def brightness(pixels: np.ndarray, factor: float, *, max_value: float = 255.0, seed: int = 0) -> np.ndarray:
+    """Exposure or gain change ``x * factor``, clipped to the stored range."""
+    x = _as_float(pixels, max_value)
+    if factor <= 0:
+        raise ValueError(f"brightness factor must be > 0, got {factor}")
+    return _clip(x * np.float32(factor), max_value)
+
+
+def contrast(pixels: np.ndarray, factor: float, *, max_value: float = 255.0, seed: int = 0) -> np.ndarray:
+    """Contrast change around the image mean, ``m + factor * (x - m)``, clipped to the stored range."""
+    x = _as_float(pixels, max_value)
+    if factor <= 0:
+        raise ValueError(f"contrast factor must be > 0, got {factor}")
+    if factor == 1:
+        return _clip(x.copy(), max_value)
+    m = np.float32(x.mean(dtype=np.float64))
+    return _clip(m + np.float32(factor) * (x - m), max_value)
+
+
+def voi_window(pixels: np.ndarray, width: float, *, max_value: float = 255.0, seed: int = 0) -> np.ndarray:
+    """A new VOI window of relative ``width`` centred on mid-range, baked into 16-bit stored data.
+
+    ``y = clip((x / max - 0.5) / width + 0.5, 0, 1)``, quantised to 16 bits (0..65535) and
+    returned rescaled to ``[0, max_value]``; benchmarks profile it as 16-bit data
+    (:data:`OUTPUT_BITS`): ``rint(y * 65535)`` with ``bits_stored=16``.
+    """
+    x = _as_float(pixels, max_value)
+    if not 0 < width <= 4:
+        raise ValueError(f"VOI width must be in (0, 4], got {width}")
+    if width == 1:
+        return _clip(x.copy(), max_value)
+    y = np.clip((x / max_value - 0.5) / width + 0.5, 0.0, 1.0)
+    return _clip(np.rint(y * 65535.0) / 65535.0 * max_value, max_value)
+
+
+def equalize(pixels: np.ndarray, strength: float, *, max_value: float = 255.0, seed: int = 0) -> np.ndarray:
+    """Global histogram equalisation on 256 grey levels, blended: ``(1 - s) x + s eq(x)``."""
+    x = _as_float(pixels, max_value)
+    if not 0 <= strength <= 1:
+        raise ValueError(f"equalisation strength must be in [0, 1], got {strength}")
+    levels = np.clip(np.rint(x / max_value * 255), 0, 255).astype(np.intp)
+    cdf = np.cumsum(np.bincount(levels.ravel(), minlength=256)).astype(np.float64)
+    cdf = (cdf - cdf[0]) / max(cdf[-1] - cdf[0], 1.0)
+    eq = (cdf[levels] * max_value).astype(np.float32)
+    return _clip((1 - strength) * x + np.float32(strength) * eq, max_value)
+
+
+def clahe(
+    pixels: np.ndarray, clip_limit: float, *, tiles: int = 8, max_value: float = 255.0, seed: int = 0
+) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (CLAHE) on 256 grey levels.
+
+    ``tiles x tiles`` tiles; each tile's histogram is clipped at ``clip_limit`` times its mean
+    bin count, the excess spread evenly, and its CDF is the tile's mapping; every pixel blends
+    the mappings of the four nearest tile centres bilinearly (the classic Zuiderveld scheme).
+    """
+    x = _as_float(pixels, max_value)
+    if clip_limit < 1:
+        raise ValueError(f"CLAHE clip limit must be >= 1, got {clip_limit}")
+    h, w = x.shape
+    levels = np.clip(np.rint(x / max_value * 255), 0, 255).astype(np.intp)
+    ty = np.linspace(0, h, tiles + 1).astype(int)
+    tx = np.linspace(0, w, tiles + 1).astype(int)
+    maps = np.empty((tiles, tiles, 256))
+    for i in range(tiles):
+        for j in range(tiles):
+            tile = levels[ty[i] : ty[i + 1], tx[j] : tx[j + 1]]
+            hist = np.bincount(tile.ravel(), minlength=256).astype(np.float64)
+            limit = clip_limit * tile.size / 256
+            excess = np.maximum(hist - limit, 0).sum()
+            hist = np.minimum(hist, limit) + excess / 256
+            cdf = np.cumsum(hist)
+            maps[i, j] = cdf / cdf[-1]
+    # Position of each row/column between tile centres.
+    cy = (ty[:-1] + ty[1:]) / 2
+    cx = (tx[:-1] + tx[1:]) / 2
+    fy = np.clip(np.interp(np.arange(h), cy, np.arange(tiles)), 0, tiles - 1)
+    fx = np.clip(np.interp(np.arange(w), cx, np.arange(tiles)), 0, tiles - 1)
+    y0 = np.minimum(np.floor(fy).astype(int), tiles - 2)
+    x0 = np.minimum(np.floor(fx).astype(int), tiles - 2)
+    wy = (fy - y0)[:, None]
+    wx = (fx - x0)[None, :]
+    Y0, X0 = y0[:, None], x0[None, :]
+    out = (
+        (1 - wy) * (1 - wx) * maps[Y0, X0, levels]
+        + (1 - wy) * wx * maps[Y0, X0 + 1, levels]
+        + wy * (1 - wx) * maps[Y0 + 1, X0, levels]
+        + wy * wx * maps[Y0 + 1, X0 + 1, levels]
+    )
+    return _clip(out * max_value, max_value)
+
+
 GRID_FREQUENCY = 0.35
 """Grid line frequency in cycles per native pixel (lines run vertically, the pattern varies along x)."""
 
@@ -172,7 +270,31 @@ SHIFTS: dict[str, ShiftFunction] = {
     "resample": downsample_upsample,
     "gamma": gamma,
     "grid": grid,
+    "gamma_dark": gamma,
+    "bright": brightness,
+    "dark": brightness,
+    "contrast_up": contrast,
+    "contrast_down": contrast,
+    "voi": voi_window,
+    "equalize": equalize,
+    "clahe": clahe,
 }
+
+PHOTOMETRIC = (
+    "gamma",
+    "gamma_dark",
+    "bright",
+    "dark",
+    "contrast_up",
+    "contrast_down",
+    "voi",
+    "equalize",
+    "clahe",
+)
+"""The shifts a mean/std-normalised spectrum cannot see (or barely): the intensity component's job."""
+
+OUTPUT_BITS: dict[str, int] = {"voi": 16}
+"""Shifts whose output stands for data stored at another bit depth than the input (default: same)."""
 
 LEVELS: dict[str, dict[str, float]] = {
     "blur": {"mild": 1.0, "moderate": 2.0, "strong": 3.0},  # sigma, pixels
@@ -180,8 +302,16 @@ LEVELS: dict[str, dict[str, float]] = {
     "noise": {"mild": 0.02, "moderate": 0.04, "strong": 0.08},  # noise std at mid-grey / full scale
     "jpeg": {"mild": 50, "moderate": 25, "strong": 10},  # Pillow quality
     "resample": {"mild": 2, "moderate": 3, "strong": 4},  # down/up factor
-    "gamma": {"mild": 0.8, "moderate": 0.6, "strong": 0.4},  # exponent
+    "gamma": {"mild": 0.9, "moderate": 0.8, "strong": 0.7},  # exponent < 1: brighter mid-tones
     "grid": {"mild": 0.03, "moderate": 0.06, "strong": 0.12},  # modulation depth
+    "gamma_dark": {"mild": 1.1, "moderate": 1.2, "strong": 1.3},  # exponent > 1: darker mid-tones
+    "bright": {"mild": 1.1, "moderate": 1.2, "strong": 1.3},  # gain
+    "dark": {"mild": 0.9, "moderate": 0.8, "strong": 0.7},  # gain
+    "contrast_up": {"mild": 1.1, "moderate": 1.2, "strong": 1.3},  # factor around the mean
+    "contrast_down": {"mild": 0.9, "moderate": 0.8, "strong": 0.7},  # factor around the mean
+    "voi": {"mild": 0.9, "moderate": 0.8, "strong": 0.7},  # relative window width (16-bit output)
+    "equalize": {"mild": 0.33, "moderate": 0.67, "strong": 1.0},  # blend with the equalised image
+    "clahe": {"mild": 1.5, "moderate": 2.0, "strong": 3.0},  # clip limit, 8x8 tiles
 }
 
 IDENTITY: dict[str, float] = {
@@ -191,6 +321,13 @@ IDENTITY: dict[str, float] = {
     "resample": 1,
     "gamma": 1.0,
     "grid": 0.0,
+    "gamma_dark": 1.0,
+    "bright": 1.0,
+    "dark": 1.0,
+    "contrast_up": 1.0,
+    "contrast_down": 1.0,
+    "voi": 1.0,
+    "equalize": 0.0,
 }
 
 

@@ -1,11 +1,13 @@
 """Unsupervised clusters of spectral profiles, and novelty against the reference set.
 
-Profiles are standardised, reduced by PCA to the components that hold
+Profiles are standardised; the leading ``cluster_features`` columns (the spectral
+component of a profile; default all) are reduced by PCA to the components that hold
 ``variance_kept`` of the variance, and modelled by a full-covariance Gaussian
 mixture whose number of components is chosen by BIC (the lowest BIC among the
 candidates whose smallest cluster keeps ``min_cluster_size`` images). Novelty is
 the Mahalanobis distance to the whole reference (Ledoit–Wolf covariance) in the
-standardised space, so that a shift outside the PCA subspace still counts.
+standardised space of *every* feature, so that a shift outside the PCA subspace, or
+in a feature the clusters do not use, still counts.
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ class SpectralClusterer(BaseEstimator):
         PCA keeps the fewest components holding this share of the variance.
     novelty_quantile : float, default=0.99
         Reference quantile of the Mahalanobis distance above which an image is novel.
+    cluster_features : int, optional
+        Cluster on the first ``cluster_features`` columns only (the spectral component);
+        standardisation, novelty and per-feature drift still use every column.
     n_init : int, default=3
     random_state : int, default=0
 
@@ -64,7 +69,7 @@ class SpectralClusterer(BaseEstimator):
         BIC of each candidate k (``inf`` where a cluster fell below the minimum size).
     mean_, scale_ : ndarray of shape (n_features,)
         Standardisation.
-    components_ : ndarray of shape (n_components, n_features)
+    components_ : ndarray of shape (n_components, n_cluster_features)
     weights_ : ndarray of shape (n_clusters,)
     means_ : ndarray of shape (n_clusters, n_components)
     covariances_ : ndarray of shape (n_clusters, n_components, n_components)
@@ -85,6 +90,7 @@ class SpectralClusterer(BaseEstimator):
         novelty_quantile: float = 0.99,
         n_init: int = 3,
         random_state: int = 0,
+        cluster_features: int | None = None,
     ) -> None:
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -93,6 +99,11 @@ class SpectralClusterer(BaseEstimator):
         self.novelty_quantile = novelty_quantile
         self.n_init = n_init
         self.random_state = random_state
+        self.cluster_features = cluster_features
+
+    def _clustered(self, Z: np.ndarray) -> np.ndarray:
+        """The columns the clusters are fitted on."""
+        return Z if self.cluster_features is None else Z[:, : self.cluster_features]
 
     def _candidates(self, n: int) -> list[int]:
         if self.n_clusters == "auto":
@@ -120,13 +131,17 @@ class SpectralClusterer(BaseEstimator):
         scale = X.std(axis=0)
         self.scale_ = np.where(scale > 1e-12, scale, 1.0)
         Z = (X - self.mean_) / self.scale_
-        _, s, vt = np.linalg.svd(Z, full_matrices=False)
+        if self.cluster_features is not None and not 1 <= self.cluster_features <= X.shape[1]:
+            raise InvalidInputError(
+                f"cluster_features must be in [1, {X.shape[1]}], got {self.cluster_features}"
+            )
+        _, s, vt = np.linalg.svd(self._clustered(Z), full_matrices=False)
         share = np.cumsum(s**2) / np.sum(s**2)
         n_comp = int(np.searchsorted(share, self.variance_kept) + 1)
         # SVD signs are arbitrary; fix them so refits and platforms agree.
         signs = np.sign(vt[np.arange(vt.shape[0]), np.argmax(np.abs(vt), axis=1)])
         self.components_ = (vt * signs[:, None])[:n_comp]
-        Y = Z @ self.components_.T
+        Y = self._clustered(Z) @ self.components_.T
 
         self.bic_ = {}
         best: GaussianMixture | None = None
@@ -235,7 +250,7 @@ class SpectralClusterer(BaseEstimator):
 
     def transform(self, X: Any) -> np.ndarray:
         """PCA coordinates, shape (n_samples, n_components)."""
-        return self._standardise(X) @ self.components_.T
+        return self._clustered(self._standardise(X)) @ self.components_.T
 
     def predict_proba(self, X: Any) -> np.ndarray:
         """Soft memberships, shape (n_samples, n_clusters), rows sum to 1."""
@@ -280,7 +295,7 @@ class SpectralClusterer(BaseEstimator):
             same formula, evaluated without scikit-learn's per-call validation).
         """
         Z = self._standardise(X)
-        Y = Z @ self.components_.T
+        Y = self._clustered(Z) @ self.components_.T
         d = self._distance(Z)
         memberships, log_likelihood = self._memberships_and_log_likelihood(Y)
         return Z, memberships, log_likelihood, self._novelty_share(d), d

@@ -16,9 +16,18 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from .errors import InvalidInputError
-from .types import DriftReport
+from .types import DriftReport, FeatureDrift
 
-__all__ = ["DEFAULT_THRESHOLDS", "DriftThresholds", "SlidingWindow", "WindowStats", "drift_report", "psi"]
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "DriftThresholds",
+    "SlidingWindow",
+    "WindowStats",
+    "benjamini_hochberg",
+    "drift_report",
+    "feature_drift",
+    "psi",
+]
 
 _EPS = 1e-4
 
@@ -32,7 +41,10 @@ class DriftThresholds:
     large ones). Novelty drift: the novel share exceeds ``novelty_rate_min`` and is
     significantly above the reference rate (binomial p < ``novelty_alpha``). Out-of-scope
     drift: the share of images whose header puts them out of the model's scope exceeds
-    ``out_of_scope_rate_min``. No verdict below ``min_images``.
+    ``out_of_scope_rate_min``. Feature drift: a feature's window mean moved by more than
+    ``feature_shift_min`` reference standard deviations and its Benjamini–Hochberg q-value
+    (over all features) is below ``feature_alpha``; the intensity component drifts when an
+    intensity feature does. No verdict below ``min_images``.
     """
 
     psi_min: float = 0.1
@@ -43,6 +55,8 @@ class DriftThresholds:
     # Out-of-scope drift: more than this share of the window's headers say "not a chest
     # radiograph" (the reference has none, so any steady share is a change of traffic).
     out_of_scope_rate_min: float = 0.02
+    feature_alpha: float = 1e-3
+    feature_shift_min: float = 0.25
 
     def to_dict(self) -> dict[str, float]:
         return dict(self.__dict__)
@@ -67,6 +81,7 @@ class WindowStats:
     n_features: int
     cluster_counts: np.ndarray = field(init=False)
     feature_sum: np.ndarray = field(init=False)
+    feature_sumsq: np.ndarray = field(init=False)
     n: int = 0
     n_novel: int = 0
     failure_probability_sum: float = 0.0
@@ -76,6 +91,7 @@ class WindowStats:
     def __post_init__(self) -> None:
         self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
         self.feature_sum = np.zeros(self.n_features, dtype=np.float64)
+        self.feature_sumsq = np.zeros(self.n_features, dtype=np.float64)
 
     @property
     def n_out_of_scope(self) -> int:
@@ -93,6 +109,7 @@ class WindowStats:
         ``out_of_scope``: the header field that put it out of scope, empty when in scope)."""
         self.cluster_counts[cluster] += 1
         self.feature_sum += z_features
+        self.feature_sumsq += np.square(z_features)
         self.n += 1
         self.n_novel += int(is_novel)
         self.failure_probability_sum += float(failure_probability)
@@ -110,6 +127,7 @@ class WindowStats:
         """Take back one image added earlier (for sliding windows)."""
         self.cluster_counts[cluster] -= 1
         self.feature_sum -= z_features
+        self.feature_sumsq -= np.square(z_features)
         self.n -= 1
         self.n_novel -= int(is_novel)
         self.failure_probability_sum -= float(failure_probability)
@@ -121,6 +139,62 @@ class WindowStats:
                 self.out_of_scope_counts.pop(out_of_scope, None)
 
 
+def benjamini_hochberg(p_values: Any) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (q-values), in the input order."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = p.size
+    if m == 0:
+        return p.copy()
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(q, 1.0)
+    return out
+
+
+def feature_drift(
+    window: WindowStats,
+    feature_names: tuple[str, ...] | list[str],
+    components: tuple[str, ...] | list[str],
+    reference_size: int | None,
+    thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+) -> tuple[FeatureDrift, ...]:
+    """Per-feature mean shift of a window, its test and verdict.
+
+    The statistic of feature j is Welch's: ``shift / sqrt(s_w**2 / n + 1 / n_ref)``, where
+    ``shift`` is the window mean in reference standard deviations, ``s_w`` the window's own
+    standard deviation (it may differ from the reference's 1) and ``1 / n_ref`` the
+    uncertainty of the reference mean itself. Two-sided normal p-values (the window mean of
+    ``n >= min_images`` images), Benjamini–Hochberg across all features.
+    """
+    n = window.n
+    if n == 0:
+        return ()
+    mean = window.feature_sum / n
+    var = np.maximum(window.feature_sumsq / n - np.square(mean), 0.0) * (n / max(n - 1, 1))
+    ref_var = 1.0 / reference_size if reference_size else 0.0
+    se = np.sqrt(var / n + ref_var)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        stat = np.where(se > 0, mean / np.where(se > 0, se, 1.0), np.where(mean == 0, 0.0, np.inf))
+    p = 2.0 * stats.norm.sf(np.abs(stat))
+    q = benjamini_hochberg(p)
+    enough = n >= thresholds.min_images
+    drifted = enough & (q < thresholds.feature_alpha) & (np.abs(mean) > thresholds.feature_shift_min)
+    return tuple(
+        FeatureDrift(
+            feature=str(feature_names[j]),
+            component=str(components[j]),
+            shift=float(mean[j]),
+            statistic=float(stat[j]),
+            p_value=float(p[j]),
+            q_value=float(q[j]),
+            drifted=bool(drifted[j]),
+        )
+        for j in range(mean.size)
+    )
+
+
 def drift_report(
     window: WindowStats,
     reference_mix: Any,
@@ -129,6 +203,8 @@ def drift_report(
     feature_names: tuple[str, ...] | list[str],
     thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
     top: int = 5,
+    components: tuple[str, ...] | list[str] | None = None,
+    reference_size: int | None = None,
 ) -> DriftReport:
     """Compare a window with the reference.
 
@@ -141,7 +217,13 @@ def drift_report(
         Share of each cluster in the reference set.
     reference_novelty_rate : float
         Share of reference images above the novelty threshold (1 - novelty quantile).
+    components : sequence of str, optional
+        The component of each feature (``"spectral"`` or ``"intensity"``); default all spectral.
+    reference_size : int, optional
+        Number of reference images the standardisation was estimated on (for the
+        per-feature tests); ``None`` treats the reference mean as exact.
     """
+    components = tuple(components) if components is not None else ("spectral",) * len(feature_names)
     q = np.asarray(reference_mix, dtype=np.float64)
     if q.shape != (window.n_clusters,) or not np.isclose(q.sum(), 1.0):
         raise InvalidInputError(f"reference_mix must be {window.n_clusters} shares summing to 1")
@@ -153,7 +235,7 @@ def drift_report(
             estimated_failure_rate=float("nan"), reference_failure_rate=reference_failure_rate,
             cluster_counts=tuple(int(c) for c in counts), reference_mix=tuple(float(v) for v in q),
             top_shifted_features=(), max_feature_shift=0.0, thresholds=thresholds.to_dict(),
-            reasons=("no images",),
+            reasons=("no images",), components=_component_verdicts(False, False, False, False),
         )  # fmt: skip
     p = counts / n
     psi_value = psi(p, q)
@@ -173,6 +255,9 @@ def drift_report(
     novelty_drift = (
         enough and novelty_rate > thresholds.novelty_rate_min and novelty_p < thresholds.novelty_alpha
     )
+    features = feature_drift(window, feature_names, components, reference_size, thresholds)
+    moved = [f for f in features if f.drifted and f.component == "intensity"]
+    intensity_drift = bool(moved)
     reasons = []
     if mix_drift:
         reasons.append(f"cluster mix shifted (PSI {psi_value:.3f}, chi-square p {chi2_p:.2g})")
@@ -185,6 +270,10 @@ def drift_report(
         reasons.append(
             f"out-of-scope images {out_of_scope_rate:.1%} (headers say not a chest radiograph: {by_field})"
         )
+    if intensity_drift:
+        worst = sorted(moved, key=lambda f: -abs(f.shift))[:3]
+        listing = ", ".join(f"{f.feature} {f.shift:+.2f} SD (q {f.q_value:.2g})" for f in worst)
+        reasons.append(f"intensity distribution shifted: {listing}")
     if not enough:
         reasons.append(f"fewer than {thresholds.min_images} images: no verdict")
     # The cluster failure rates were measured on the reference: for images outside it (novel)
@@ -199,7 +288,7 @@ def drift_report(
         reasons.append(f"estimated failure rate not trusted: {outside:.1%} of images are {where}")
     return DriftReport(
         n_images=n,
-        drift=bool(mix_drift or novelty_drift or out_of_scope_drift),
+        drift=bool(mix_drift or novelty_drift or out_of_scope_drift or intensity_drift),
         psi=psi_value,
         js_distance=js,
         chi2_p=chi2_p,
@@ -219,7 +308,19 @@ def drift_report(
         out_of_scope_rate=out_of_scope_rate,
         out_of_scope_drift=bool(out_of_scope_drift),
         out_of_scope_counts=dict(sorted(window.out_of_scope_counts.items())),
+        intensity_drift=intensity_drift,
+        components=_component_verdicts(mix_drift, novelty_drift, intensity_drift, out_of_scope_drift),
+        feature_drift=features,
     )
+
+
+def _component_verdicts(mix: bool, novelty: bool, intensity: bool, out_of_scope: bool) -> dict[str, bool]:
+    return {
+        "cluster_mix": bool(mix),
+        "novelty": bool(novelty),
+        "intensity": bool(intensity),
+        "out_of_scope": bool(out_of_scope),
+    }
 
 
 @dataclass(frozen=True)

@@ -104,6 +104,9 @@ class ReliabilityModel:
         profiles : ndarray of shape (n_images, n_features)
         failures : ndarray of shape (n_images,), 0/1
             Whether the classifier was wrong on each image.
+        clusterer : SpectralClusterer, optional
+            Unfitted; when its ``cluster_features`` is unset it is set to the profiler's
+            spectral component, so clusters describe the spectrum only.
         records : list of dict, optional
             One per image (name and metadata), kept in the model with the
             assigned cluster and the failure for reports and slice analysis.
@@ -120,6 +123,10 @@ class ReliabilityModel:
         if records is not None and len(records) != X.shape[0]:
             raise InvalidInputError(f"got {len(records)} records for {X.shape[0]} profiles")
         clusterer = clusterer if clusterer is not None else SpectralClusterer()
+        if clusterer.cluster_features is None and not hasattr(clusterer, "components_"):
+            # Clusters describe the spectrum (their failure rates are what E1/E2 measure); the
+            # intensity component joins novelty and per-feature drift, where it adds sight.
+            clusterer.set_params(cluster_features=profiler.n_spectral)
         clusterer.fit(X)
         memberships = clusterer.predict_proba(X)
         hard = memberships.argmax(axis=1)
@@ -271,4 +278,17 @@ class ReliabilityModel:
             self.reference_failure_probability,
             self.feature_names,
             self.drift_thresholds,
+            components=self.feature_components,
+            reference_size=self.reference_size,
         )
+
+    @property
+    def feature_components(self) -> tuple[str, ...]:
+        """The component of each feature: ``"spectral"`` or ``"intensity"``."""
+        intensity = set(self.profiler.intensity_feature_names)
+        return tuple("intensity" if n in intensity else "spectral" for n in self.feature_names)
+
+    @property
+    def reference_size(self) -> int:
+        """Number of reference (fit) images."""
+        return int(self.clusterer.reference_distances_.size)

@@ -1,7 +1,10 @@
-"""Image → spectral profile: named features of how signal energy spreads over frequency.
+"""Image → profile: how signal energy spreads over frequency, plus the intensity distribution.
 
-The full specification (geometry, normalisation, window, transform, features) is in
-``docs/spectral-profile.md``; :data:`SPEC_VERSION` changes whenever any number a profile
+The profile has two components. The *spectral* features see the image after mean and
+standard-deviation normalisation (invariant to ``a*x + b``); the *intensity* features see
+what that normalisation hides: the shape of the grey-level distribution and its level within
+the stored bit range. The full specification (geometry, normalisation, window, transform,
+features and their invariances) is in ``docs/spectral-profile.md``; :data:`SPEC_VERSION` changes whenever any number a profile
 holds would change. FFTs run through pyFFTW with one plan per (shape, threads) per
 thread, built once and reused; ``execute`` releases the GIL, so threads scale.
 """
@@ -25,15 +28,40 @@ from .types import LoadedImage
 __all__ = [
     "DEFAULT_N_BANDS",
     "DEFAULT_WORKING_SIZE",
+    "INTENSITY_FEATURES",
     "SPEC_VERSION",
+    "full_scale",
     "SpectralProfiler",
     "load_wisdom",
     "save_wisdom",
 ]
 
-SPEC_VERSION = "1.0"
+SPEC_VERSION = "2.0"
 DEFAULT_WORKING_SIZE = 512
 DEFAULT_N_BANDS = 24
+# Intensity histogram: fine bins over the working image's own [min, max]; entropy on coarse
+# bins over its [1st, 99th] percentile (both counts are part of the spec).
+_FINE_BINS = 1024
+_ENTROPY_BINS = 64
+_SHARE_FLOOR = 1e-4  # log10 of a share of pixels: 0 becomes -4 (1 in 10^4)
+
+INTENSITY_FEATURES: tuple[str, ...] = (
+    # shape of the distribution: invariant to a*x + b (a > 0) while nothing clips
+    "intensity_quantile_position_25",
+    "intensity_quantile_position_50",
+    "intensity_quantile_position_75",
+    "intensity_skewness",
+    "intensity_histogram_entropy",
+    # level within the stored range [0, 2**bits_stored - 1]: moved by a*x + b on purpose
+    "intensity_mean_of_range",
+    "intensity_std_of_range",
+    "intensity_p01_of_range",
+    "intensity_p99_of_range",
+    # saturation: share at either end of the image's own range; invariant to a*x + b (a > 0),
+    # moved by clipping
+    "intensity_log_share_at_min",
+    "intensity_log_share_at_max",
+)
 _PLANNER_EFFORTS = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT")
 
 # Planning mutates FFTW's global planner state; executing a finished plan does not.
@@ -245,8 +273,82 @@ def _blockiness(x: np.ndarray, period: int = 8, stride: int = 4) -> float:
     return float(np.log10(np.mean(ratios))) if ratios else 0.0
 
 
+def full_scale(pixels: np.ndarray, bits_stored: int | None) -> float:
+    """Top of the stored range, ``2**bits_stored - 1``; inferred when the header does not say.
+
+    Without a bit depth (float arrays, unknown sources) the range is the smallest
+    ``2**b - 1`` (b >= 1) that holds the image's maximum: a guess, documented in the spec.
+    """
+    if bits_stored is not None and bits_stored >= 1:
+        return float(2 ** int(bits_stored) - 1)
+    top = float(np.max(pixels))
+    if not np.isfinite(top) or top <= 1.0:
+        return 1.0
+    return float(2 ** int(np.ceil(np.log2(top + 1.0))) - 1)
+
+
+def _quantiles(cdf: np.ndarray, lo: float, width: float, probs: tuple[float, ...]) -> np.ndarray:
+    """Quantiles from a fine histogram's cumulative shares, linear within the crossing bin."""
+    out = np.empty(len(probs))
+    for k, p in enumerate(probs):
+        i = int(np.searchsorted(cdf, p, side="left"))
+        i = min(i, cdf.size - 1)
+        below = cdf[i - 1] if i > 0 else 0.0
+        inside = cdf[i] - below
+        frac = (p - below) / inside if inside > 0 else 0.5
+        out[k] = lo + (i + frac) * width
+    return out
+
+
+def _intensity_features(centred: np.ndarray, mean: float, std: float, scale: float) -> np.ndarray:
+    """The intensity component from the working image minus its mean (before scaling).
+
+    ``mean`` and ``std`` are the working image's (already computed for the spectrum);
+    ``scale`` is the top of the stored range.
+    """
+    x = centred
+    lo, hi = float(x.min()), float(x.max())
+    span = hi - lo
+    n_bins = _FINE_BINS
+    idx = ((x - np.float32(lo)) * np.float32(n_bins / span)).astype(np.intp)
+    np.minimum(idx, n_bins - 1, out=idx)
+    hist = np.bincount(idx.ravel(), minlength=n_bins).astype(np.float64)
+    total = hist.sum()
+    share = hist / total
+    width = span / n_bins
+    centres = lo + (np.arange(n_bins) + 0.5) * width
+    q01, q25, q50, q75, q99 = _quantiles(np.cumsum(share), lo, width, (0.01, 0.25, 0.5, 0.75, 0.99))
+    spread = max(q99 - q01, 1e-12 * span)
+    hmean = float(share @ centres)
+    dev = centres - hmean
+    var = float(share @ dev**2)
+    skew = float(share @ dev**3) / max(var, 1e-300) ** 1.5
+    # Entropy of the distribution between its 1st and 99th percentiles, on coarse bins:
+    # each fine bin goes wholly to the coarse bin of its centre.
+    inner = (centres >= q01) & (centres <= q99)
+    coarse = np.minimum(((centres[inner] - q01) / spread * _ENTROPY_BINS).astype(np.intp), _ENTROPY_BINS - 1)
+    ch = np.bincount(coarse, weights=hist[inner], minlength=_ENTROPY_BINS)
+    cp = ch[ch > 0] / ch.sum()
+    entropy = float(-(cp * np.log2(cp)).sum() / np.log2(_ENTROPY_BINS))
+    return np.array(
+        [
+            (q25 - q01) / spread,
+            (q50 - q01) / spread,
+            (q75 - q01) / spread,
+            skew,
+            entropy,
+            mean / scale,
+            std / scale,
+            (q01 + mean) / scale,
+            (q99 + mean) / scale,
+            np.log10(share[0] + _SHARE_FLOOR),
+            np.log10(share[-1] + _SHARE_FLOOR),
+        ]
+    )
+
+
 class SpectralProfiler:
-    """Compute the spectral profile of a radiograph.
+    """Compute the profile of a radiograph: spectral component + intensity component.
 
     Parameters
     ----------
@@ -272,6 +374,8 @@ class SpectralProfiler:
     >>> import numpy as np
     >>> p = SpectralProfiler(working_size=128, n_bands=12)
     >>> p.profile(np.random.default_rng(0).random((200, 180))).shape
+    (30,)
+    >>> p.spectral_profile(np.random.default_rng(0).random((200, 180))).shape
     (19,)
     """
 
@@ -312,6 +416,20 @@ class SpectralProfiler:
 
     @property
     def feature_names(self) -> tuple[str, ...]:
+        """Every feature of a profile: the spectral ones, then :data:`INTENSITY_FEATURES`."""
+        return self.spectral_feature_names + INTENSITY_FEATURES
+
+    @property
+    def intensity_feature_names(self) -> tuple[str, ...]:
+        return INTENSITY_FEATURES
+
+    @property
+    def n_spectral(self) -> int:
+        """How many leading features of a profile are spectral."""
+        return self.n_bands + 7
+
+    @property
+    def spectral_feature_names(self) -> tuple[str, ...]:
         bands = tuple(f"log_energy_band_{i:02d}" for i in range(self.n_bands))
         return bands + (
             "spectral_slope_mid",
@@ -335,6 +453,8 @@ class SpectralProfiler:
             "working_size": self.working_size,
             "n_bands": self.n_bands,
             "band_edges_cycles_per_image": [round(float(e), 6) for e in self._bins.edges],
+            "intensity_fine_bins": _FINE_BINS,
+            "intensity_entropy_bins": _ENTROPY_BINS,
             "feature_names": list(self.feature_names),
         }
 
@@ -360,6 +480,9 @@ class SpectralProfiler:
             raise InvalidInputError(
                 f"profile spec version {version!r} is not supported (this build computes {SPEC_VERSION!r})"
             )
+        for key, value in (("intensity_fine_bins", _FINE_BINS), ("intensity_entropy_bins", _ENTROPY_BINS)):
+            if spec.get(key, value) != value:
+                raise InvalidInputError(f"{key} {spec[key]!r} differs from this build's {value}")
         profiler = cls(working_size=int(spec["working_size"]), n_bands=int(spec["n_bands"]), **runtime)
         names = spec.get("feature_names")
         if names is not None and list(names) != list(profiler.feature_names):
@@ -367,8 +490,11 @@ class SpectralProfiler:
         return profiler
 
     def profile_image(self, image: LoadedImage) -> np.ndarray:
-        """Profile of a decoded image (pixels and header); the entry point of the per-image path."""
-        return self.profile(image.pixels)
+        """Profile of a decoded image (pixels and header); the entry point of the per-image path.
+
+        The header's ``bits_stored`` sets the range the intensity level features are relative to.
+        """
+        return self.profile(image.pixels, bits_stored=image.meta.bits_stored)
 
     def _working_image(self, pixels: np.ndarray) -> np.ndarray:
         """Centre square crop, anti-aliased resample to working_size; float32."""
@@ -388,13 +514,18 @@ class SpectralProfiler:
             x = _apply_taps(_apply_taps(x, taps, axis=0), taps, axis=1)
         return x
 
-    def profile(self, pixels: np.ndarray) -> np.ndarray:
-        """Spectral profile of one image.
+    def profile(self, pixels: np.ndarray, bits_stored: int | None = None) -> np.ndarray:
+        """Profile of one image: spectral features, then intensity features.
 
         Parameters
         ----------
         pixels : ndarray of shape (rows, columns)
             Any real dtype; one polarity (see :mod:`monitor.imaging`).
+        bits_stored : int, optional
+            Bit depth of the stored pixels: the intensity level features are relative to
+            ``[0, 2**bits_stored - 1]``. Without it the range is inferred from the maximum
+            (see :func:`full_scale`); per-image callers use :meth:`profile_image`, which
+            takes it from the header.
 
         Returns
         -------
@@ -406,6 +537,9 @@ class SpectralProfiler:
         InvalidImageError
             If the image is not 2-D, not finite, too small or constant.
         """
+        return self._profile(pixels, bits_stored, intensity=True)
+
+    def _profile(self, pixels: np.ndarray, bits_stored: int | None, *, intensity: bool) -> np.ndarray:
         pixels = np.asarray(pixels)
         if pixels.ndim != 2 or min(pixels.shape) < 16:
             raise InvalidImageError(
@@ -420,13 +554,24 @@ class SpectralProfiler:
         std = float(np.sqrt(np.mean(np.square(src, dtype=np.float64))))
         if not np.isfinite(std) or std <= 1e-12 * max(1.0, abs(mean)):
             raise InvalidImageError("image is constant or not finite after resampling: it has no spectrum")
+        intensity_features = None
+        if intensity:
+            intensity_features = _intensity_features(src, mean, std, full_scale(pixels, bits_stored))
         src *= _hann2d(n)
         src *= np.float32(1.0 / std)
         plan.execute()
         spec = plan.output_array
         power = (np.square(spec.real) + np.square(spec.imag)).ravel()[self._bins.flat_index]
         blockiness = _blockiness(pixels.astype(np.float32, copy=False))
-        return self._features(power.astype(np.float64), blockiness)
+        spectral = self._features(power.astype(np.float64), blockiness)
+        intensity = intensity_features
+        if intensity is None:
+            return spectral
+        return np.concatenate([spectral, intensity])
+
+    def spectral_profile(self, pixels: np.ndarray) -> np.ndarray:
+        """The spectral component only (:attr:`spectral_feature_names`), invariant to ``a*x + b``."""
+        return self._profile(pixels, None, intensity=False)
 
     def _features(self, power: np.ndarray, blockiness: float) -> np.ndarray:
         """Features from the selected bins' power (assumes the bin layout of ``self._bins``)."""

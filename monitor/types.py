@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DriftReport", "ImageMeta", "LoadedImage", "ScoreResult", "ScoredImage"]
+__all__ = ["DriftReport", "FeatureDrift", "ImageMeta", "LoadedImage", "ScoreResult", "ScoredImage"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,23 @@ class ScoreResult:
 
 
 @dataclass(frozen=True)
+class FeatureDrift:
+    """One profile feature in a window: its mean shift and test against the reference.
+
+    ``shift`` is the window mean in reference standard deviations; ``q_value`` the
+    Benjamini–Hochberg adjusted ``p_value`` over all features of the report.
+    """
+
+    feature: str
+    component: str  # "spectral" or "intensity"
+    shift: float
+    statistic: float
+    p_value: float
+    q_value: float
+    drifted: bool
+
+
+@dataclass(frozen=True)
 class DriftReport:
     """A batch or window of images compared with the model's reference."""
 
@@ -117,9 +134,14 @@ class DriftReport:
     out_of_scope_rate: float = 0.0
     out_of_scope_drift: bool = False
     out_of_scope_counts: dict[str, int] = field(default_factory=dict)
+    intensity_drift: bool = False
+    # Verdict per component: "cluster_mix", "novelty", "intensity", "out_of_scope".
+    components: dict[str, bool] = field(default_factory=dict)
+    feature_drift: tuple[FeatureDrift, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["feature_drift"] = [asdict(f) for f in self.feature_drift]
         d["cluster_counts"] = list(self.cluster_counts)
         d["reference_mix"] = list(self.reference_mix)
         d["top_shifted_features"] = [{"feature": n, "z": z} for n, z in self.top_shifted_features]

@@ -7,7 +7,15 @@ import json
 import numpy as np
 import pytest
 
-from monitor.drift import DEFAULT_THRESHOLDS, DriftThresholds, SlidingWindow, WindowStats, drift_report, psi
+from monitor.drift import (
+    DEFAULT_THRESHOLDS,
+    DriftThresholds,
+    SlidingWindow,
+    WindowStats,
+    benjamini_hochberg,
+    drift_report,
+    psi,
+)
 from monitor.errors import InvalidInputError
 
 NAMES = ("f0", "f1", "f2", "f3")
@@ -230,3 +238,102 @@ def test_report_to_dict_is_json() -> None:
     assert d["n_images"] == 200 and d["drift"] is True
     assert d["cluster_counts"] == [20, 20, 40, 60, 60]
     assert d["top_shifted_features"][0] == {"feature": "f1", "z": -2.0}
+
+
+# --------------------------------------------------------------------------- per-feature drift
+
+COMPONENTS = ("spectral", "spectral", "intensity", "intensity")
+
+
+def _normal_window(
+    rng: np.random.Generator, n: int, shift=(0.0, 0.0, 0.0, 0.0), sd: float = 1.0
+) -> WindowStats:
+    counts = rng.multinomial(n, MIX)
+    w = WindowStats(n_clusters=MIX.size, n_features=len(NAMES))
+    for c, m in enumerate(counts):
+        for _ in range(int(m)):
+            w.add(c, False, 0.2, rng.normal(np.asarray(shift), sd))
+    return w
+
+
+def _component_report(w: WindowStats, thresholds: DriftThresholds = DEFAULT_THRESHOLDS):
+    return drift_report(w, MIX, 0.01, 0.2, NAMES, thresholds, components=COMPONENTS, reference_size=300)
+
+
+def test_benjamini_hochberg_known_values() -> None:
+    # Textbook example: p sorted 0.01, 0.02, 0.03, 0.04, 0.05 with m = 5 -> all q = 0.05.
+    np.testing.assert_allclose(benjamini_hochberg([0.05, 0.01, 0.03, 0.02, 0.04]), [0.05] * 5)
+    # q_i = min over j >= i of p_j m / j, capped at 1, in the input order.
+    np.testing.assert_allclose(benjamini_hochberg([0.001, 0.5, 0.02]), [0.003, 0.5, 0.03])
+    assert benjamini_hochberg([0.9, 0.95]).max() <= 1.0
+    assert benjamini_hochberg([]).shape == (0,)
+
+
+def test_intensity_shift_is_its_own_component() -> None:
+    rng = np.random.default_rng(7)
+    r = _component_report(_normal_window(rng, 100, shift=(0.0, 0.0, -1.0, 0.0)))
+    assert r.intensity_drift and r.drift and not r.mix_drift and not r.novelty_drift
+    assert r.components == {"cluster_mix": False, "novelty": False, "intensity": True, "out_of_scope": False}
+    by_name = {f.feature: f for f in r.feature_drift}
+    assert by_name["f2"].drifted and by_name["f2"].component == "intensity"
+    assert by_name["f2"].shift == pytest.approx(-1.0, abs=0.3) and by_name["f2"].q_value < 1e-6
+    assert not any(by_name[n].drifted for n in ("f0", "f1", "f3"))
+    assert r.reasons[0].startswith("intensity distribution shifted: f2 -")
+
+
+def test_spectral_feature_shift_is_reported_but_not_an_intensity_verdict() -> None:
+    rng = np.random.default_rng(8)
+    r = _component_report(_normal_window(rng, 100, shift=(1.5, 0.0, 0.0, 0.0)))
+    f0 = r.feature_drift[0]
+    assert f0.feature == "f0" and f0.component == "spectral" and f0.drifted
+    assert not r.intensity_drift and not r.drift  # the spectral verdict belongs to the cluster mix
+
+
+def test_small_shifts_below_the_floor_do_not_count() -> None:
+    # 0.2 SD in 2000 images against a large reference is significant (q tiny) but below
+    # feature_shift_min = 0.25: a real but trivial shift.
+    rng = np.random.default_rng(9)
+    w = _normal_window(rng, 2000, shift=(0.0, 0.0, 0.2, 0.0))
+    r = drift_report(w, MIX, 0.01, 0.2, NAMES, components=COMPONENTS, reference_size=100_000)
+    f2 = r.feature_drift[2]
+    assert f2.q_value < 1e-6 and not f2.drifted and not r.intensity_drift
+
+
+def test_feature_false_alarms_on_reference_windows() -> None:
+    """Windows of 50 and 100 from the reference distribution: intensity verdict in < 1% of them."""
+    rng = np.random.default_rng(2025)
+    for n in (50, 100):
+        alarms = [_component_report(_normal_window(rng, n)).intensity_drift for _ in range(300)]
+        assert np.mean(alarms) < 0.01
+
+
+def test_window_variance_enters_the_test() -> None:
+    # The same mean shift is less significant when the window itself is more spread out.
+    narrow = _component_report(_normal_window(np.random.default_rng(3), 60, shift=(0, 0, 0.6, 0), sd=0.5))
+    wide = _component_report(_normal_window(np.random.default_rng(3), 60, shift=(0, 0, 0.6, 0), sd=3.0))
+    assert narrow.feature_drift[2].p_value < wide.feature_drift[2].p_value
+
+
+def test_sliding_window_keeps_squares_in_step() -> None:
+    rng = np.random.default_rng(1)
+    win = SlidingWindow(n_clusters=2, n_features=3, max_images=10)
+    zs = [rng.normal(size=3) for _ in range(25)]
+    for i, z in enumerate(zs):
+        win.add(float(i), i % 2, False, 0.1, z)
+    s = win.stats(25.0)
+    np.testing.assert_allclose(s.feature_sumsq, np.square(zs[-10:]).sum(axis=0), atol=1e-9)
+
+
+def test_feature_drift_in_dict() -> None:
+    rng = np.random.default_rng(4)
+    d = json.loads(json.dumps(_component_report(_normal_window(rng, 50)).to_dict()))
+    assert [f["feature"] for f in d["feature_drift"]] == list(NAMES)
+    assert set(d["feature_drift"][0]) == {
+        "feature", "component", "shift", "statistic", "p_value", "q_value", "drifted"
+    }  # fmt: skip
+    assert d["components"] == {
+        "cluster_mix": False,
+        "novelty": False,
+        "intensity": False,
+        "out_of_scope": False,
+    }

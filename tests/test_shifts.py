@@ -129,3 +129,33 @@ def test_bad_arguments() -> None:
     with pytest.raises(ValueError, match="JPEG quality must be in 1..100"):
         shifts.jpeg(x, 0)
     assert set(LEVELS) == set(SHIFTS)
+
+
+def test_photometric_shifts_known_values() -> None:
+    x = np.array([[0, 50, 100, 200]] * 4, dtype=np.float32)
+    np.testing.assert_allclose(shifts.brightness(x, 1.3)[0], [0, 65, 130, 255])  # 260 clips
+    m = x.mean()  # 87.5
+    np.testing.assert_allclose(shifts.contrast(x, 0.5)[0], m + 0.5 * (x[0] - m), rtol=1e-6)
+    # A window of half the range centred on mid-range: the middle half spans the full range.
+    v = shifts.voi_window(np.array([[0, 63.75, 127.5, 191.25, 255]] * 2, dtype=np.float32), 0.5)
+    np.testing.assert_allclose(v[0], [0, 0, 127.5, 255, 255], atol=255 / 65535)
+
+
+def test_equalize_flattens_the_histogram() -> None:
+    rng = np.random.default_rng(0)
+    x = np.clip(rng.normal(80, 15, size=(256, 256)), 0, 255).astype(np.float32)
+    eq = shifts.equalize(x, 1.0)
+    counts = np.histogram(eq, bins=8, range=(0, 255))[0]
+    assert counts.max() / counts.min() < 1.6  # ~uniform; the input piles up in two bins
+    assert np.histogram(x, bins=8, range=(0, 255))[0].max() > 0.5 * x.size
+
+
+def test_clahe_equalises_each_region_locally() -> None:
+    # Left half dark, right half bright, both with small texture: CLAHE stretches each half's
+    # own range, so both halves end up with far more contrast than the input had.
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(40, 4, (128, 64)), rng.normal(200, 4, (128, 64))], axis=1)
+    x = np.clip(x, 0, 255).astype(np.float32)
+    out = shifts.clahe(x, 3.0, tiles=4)
+    assert out[:, :24].std() > 3 * x[:, :24].std() and out[:, -24:].std() > 3 * x[:, -24:].std()
+    assert out.min() >= 0 and out.max() <= 255

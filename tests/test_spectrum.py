@@ -13,13 +13,17 @@ from monitor.imaging import load_image
 from monitor.spectrum import (
     DEFAULT_N_BANDS,
     DEFAULT_WORKING_SIZE,
+    INTENSITY_FEATURES,
     SPEC_VERSION,
     SpectralProfiler,
+    full_scale,
     load_wisdom,
     save_wisdom,
 )
+from monitor.types import ImageMeta, LoadedImage
 
 N_EXTRA = 7  # slopes (2), directions (3), peak, blockiness
+N_INTENSITY = 11
 
 
 @pytest.fixture(scope="module")
@@ -63,11 +67,13 @@ def _brown(n: int, seed: int) -> np.ndarray:
 
 def test_feature_names_count_unique_and_stable(profiler: SpectralProfiler) -> None:
     names = profiler.feature_names
-    assert len(names) == DEFAULT_N_BANDS + N_EXTRA == 31
+    assert len(names) == DEFAULT_N_BANDS + N_EXTRA + N_INTENSITY == 42
+    assert names[profiler.n_spectral :] == INTENSITY_FEATURES == profiler.intensity_feature_names
+    assert profiler.spectral_feature_names == names[: profiler.n_spectral]
     assert len(set(names)) == len(names)
     assert names == SpectralProfiler().feature_names
     assert names[0] == "log_energy_band_00" and names[DEFAULT_N_BANDS - 1] == "log_energy_band_23"
-    assert names[DEFAULT_N_BANDS:] == (
+    assert names[DEFAULT_N_BANDS : profiler.n_spectral] == (
         "spectral_slope_mid",
         "spectral_slope_high",
         "direction_x_over_y_mid",
@@ -77,7 +83,7 @@ def test_feature_names_count_unique_and_stable(profiler: SpectralProfiler) -> No
         "jpeg_blockiness",
     )
     other = SpectralProfiler(working_size=128, n_bands=12)
-    assert len(other.feature_names) == 12 + N_EXTRA
+    assert len(other.feature_names) == 12 + N_EXTRA + N_INTENSITY
 
 
 def test_spec_describes_profile(profiler: SpectralProfiler) -> None:
@@ -161,17 +167,18 @@ AFFINE = [(2.0, 0.0), (0.5, 10.0), (3.0, -100.0), (0.01, 0.0), (100.0, 5000.0), 
 @pytest.mark.parametrize(("a", "b"), AFFINE)
 def test_affine_invariance_real_image(profiler: SpectralProfiler, nih_pixels: list[np.ndarray], a, b) -> None:
     image = nih_pixels[0]
-    base = profiler.profile(image)
-    moved = profiler.profile(image * np.float32(a) + np.float32(b))
+    base = profiler.profile(image)[: profiler.n_spectral]
+    moved = profiler.profile(image * np.float32(a) + np.float32(b))[: profiler.n_spectral]
     assert np.abs(moved - base).max() < 1e-4
+    np.testing.assert_array_equal(base, profiler.spectral_profile(image))
 
 
 @pytest.mark.parametrize(("a", "b"), AFFINE)
 def test_affine_invariance_synthetic(profiler: SpectralProfiler, a: float, b: float) -> None:
     # Non-square, smaller than the working size (linear upsampling path) and float64.
     image = np.random.default_rng(3).normal(size=(300, 280)).cumsum(axis=0).cumsum(axis=1)
-    base = profiler.profile(image)
-    assert np.abs(profiler.profile(image * a + b) - base).max() < 1e-4
+    base = profiler.spectral_profile(image)
+    assert np.abs(profiler.spectral_profile(image * a + b) - base).max() < 1e-4
 
 
 # --------------------------------------------------------------------------- known answers
@@ -245,7 +252,7 @@ def test_periodic_grid_raises_peak(small: SpectralProfiler) -> None:
 def test_native_sizes_give_finite_profiles(profiler: SpectralProfiler, shape: tuple[int, int]) -> None:
     image = np.random.default_rng(7).normal(size=shape).cumsum(axis=1)
     features = profiler.profile(image.astype(np.float32))
-    assert features.shape == (31,) and features.dtype == np.float64
+    assert features.shape == (42,) and features.dtype == np.float64
     assert np.all(np.isfinite(features))
 
 
@@ -367,3 +374,101 @@ def test_from_spec_refuses_another_version_or_other_features() -> None:
         SpectralProfiler.from_spec({**spec, "spec_version": "0.9"})
     with pytest.raises(InvalidInputError, match="feature names differ"):
         SpectralProfiler.from_spec({**spec, "feature_names": spec["feature_names"][::-1]})
+
+
+# --------------------------------------------------------------------------- intensity component
+
+
+def _intensity(p: SpectralProfiler, image: np.ndarray, bits: int | None = 8) -> dict[str, float]:
+    values = p.profile(image, bits)[p.n_spectral :]
+    return dict(zip(INTENSITY_FEATURES, values, strict=True))
+
+
+SHAPE = INTENSITY_FEATURES[:5]
+LEVEL = INTENSITY_FEATURES[5:9]
+SATURATION = INTENSITY_FEATURES[9:]
+
+
+@pytest.mark.parametrize(("a", "b"), [(0.5, 10.0), (0.8, 30.0), (0.3, 0.0), (1.0, -20.0)])
+def test_intensity_shape_and_saturation_invariant_to_increasing_affine_maps(
+    profiler: SpectralProfiler, nih_pixels: list[np.ndarray], a: float, b: float
+) -> None:
+    # Maps that keep the 8-bit image inside [0, 255] where it had data (nothing new clips).
+    image = nih_pixels[2]
+    base = _intensity(profiler, image)
+    moved = _intensity(profiler, np.clip(image * np.float32(a) + np.float32(b), -1e9, None))
+    for name in SHAPE + SATURATION:
+        assert moved[name] == pytest.approx(base[name], abs=1e-3), name
+    # The level features are there to move: mean and spread relative to the stored range.
+    assert moved["intensity_mean_of_range"] == pytest.approx(
+        a * base["intensity_mean_of_range"] + b / 255, abs=1e-4
+    )
+    assert moved["intensity_std_of_range"] == pytest.approx(a * base["intensity_std_of_range"], rel=1e-4)
+    assert moved["intensity_p99_of_range"] == pytest.approx(
+        a * base["intensity_p99_of_range"] + b / 255, abs=2e-3
+    )
+
+
+def test_gamma_moves_shape_but_not_saturation(
+    profiler: SpectralProfiler, nih_pixels: list[np.ndarray]
+) -> None:
+    image = nih_pixels[0]
+    base = _intensity(profiler, image)
+    bright = _intensity(profiler, 255 * (image / 255) ** 0.7)
+    dark = _intensity(profiler, 255 * (image / 255) ** 1.3)
+    # A gamma below 1 lifts the mid-tones: quantiles move up within the [p1, p99] span.
+    assert bright["intensity_quantile_position_50"] > base["intensity_quantile_position_50"] + 0.02
+    assert dark["intensity_quantile_position_50"] < base["intensity_quantile_position_50"] - 0.02
+    assert (
+        bright["intensity_mean_of_range"] > base["intensity_mean_of_range"] > dark["intensity_mean_of_range"]
+    )
+
+
+def test_clipping_raises_the_share_at_the_end(
+    profiler: SpectralProfiler, nih_pixels: list[np.ndarray]
+) -> None:
+    image = nih_pixels[0]
+    base = _intensity(profiler, image)
+    clipped = _intensity(profiler, np.clip(image * np.float32(1.3), 0, 255))
+    assert clipped["intensity_log_share_at_max"] > base["intensity_log_share_at_max"] + 0.5
+
+
+def test_known_answers_on_a_uniform_ramp(small: SpectralProfiler) -> None:
+    # 256 columns 0..255 repeated: a uniform distribution over the full 8-bit range.
+    ramp = np.tile(np.arange(256, dtype=np.float32), (256, 1))
+    f = _intensity(small, ramp)
+    assert f["intensity_quantile_position_50"] == pytest.approx(0.5, abs=0.01)
+    assert f["intensity_quantile_position_25"] == pytest.approx(0.245, abs=0.01)
+    assert f["intensity_skewness"] == pytest.approx(0.0, abs=0.01)
+    assert f["intensity_histogram_entropy"] == pytest.approx(1.0, abs=0.01)
+    assert f["intensity_mean_of_range"] == pytest.approx(0.5, abs=0.01)
+    assert f["intensity_std_of_range"] == pytest.approx(1 / np.sqrt(12), abs=0.01)
+    assert f["intensity_p01_of_range"] == pytest.approx(0.01, abs=0.01)
+    assert f["intensity_p99_of_range"] == pytest.approx(0.99, abs=0.01)
+    assert f["intensity_log_share_at_max"] == pytest.approx(np.log10(1 / 256 + 1e-4), abs=0.05)
+
+
+def test_level_is_relative_to_the_stored_bit_depth(small: SpectralProfiler) -> None:
+    x = np.random.default_rng(4).random((128, 128)).astype(np.float32) * 1000
+    eight = _intensity(small, x / 1000 * 255, 8)
+    sixteen = _intensity(small, x / 1000 * 65535, 16)
+    for name in INTENSITY_FEATURES:
+        assert sixteen[name] == pytest.approx(eight[name], abs=1e-4), name
+    # Twelve-bit data read as 16-bit sits in the bottom sixteenth of the range.
+    low = _intensity(small, x / 1000 * 4095, 16)
+    assert low["intensity_mean_of_range"] == pytest.approx(eight["intensity_mean_of_range"] / 16, rel=0.01)
+
+
+def test_full_scale_from_header_or_inferred() -> None:
+    x = np.array([[0.0, 900.0]])
+    assert full_scale(x, 12) == 4095
+    assert full_scale(x, None) == 1023  # the smallest 2**b - 1 holding the maximum
+    assert full_scale(np.array([[0.0, 255.0]]), None) == 255
+    assert full_scale(np.array([[0.0, 0.5]]), None) == 1
+
+
+def test_profile_image_takes_the_bit_depth_from_the_header(small: SpectralProfiler) -> None:
+    x = np.random.default_rng(5).random((128, 128)).astype(np.float32) * 200
+    meta = ImageMeta(source="t", format="array", rows=128, columns=128, bits_stored=12)
+    np.testing.assert_array_equal(small.profile_image(LoadedImage(x, meta)), small.profile(x, 12))
+    assert not np.array_equal(small.profile(x, 12), small.profile(x, 8))
