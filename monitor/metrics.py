@@ -22,6 +22,9 @@ when it is allow-listed, else ``other`` (a bounded set).
 
 :class:`DicomMetrics` holds the DICOM storage node's own counters (associations,
 C-ECHO, C-STORE results, scoring failures after the reply, queue depth).
+The per-component verdicts carry a ``component`` label (``cluster_mix``, ``novelty``,
+``out_of_scope``, ``intensity``; also per source) and the per-feature statistics a ``feature``
+label: the profile's feature names, a fixed set of the model (42 for spec 2.0), never image data.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from .types import DriftReport, ScoredImage
 
 __all__ = [
     "DICOM_STORE_RESULTS",
+    "DRIFT_FEATURE_GAUGES",
     "DRIFT_GAUGES",
     "PREFIX",
     "RATIO_BUCKETS",
@@ -86,6 +90,33 @@ DRIFT_GAUGES: dict[str, tuple[str, str]] = {
     "drift_window_images": ("Images in the window.", "n_images"),
     "drift_detected": ("1 when the model's drift thresholds are crossed in the window, else 0.", "drift"),
 }
+
+#: Per-feature drift gauge name (without prefix) → (help, FeatureDrift attribute); labels window, feature.
+DRIFT_FEATURE_GAUGES: dict[str, tuple[str, str]] = {
+    "drift_feature_shift": (
+        "Window mean of a profile feature in reference standard deviations (signed).",
+        "shift",
+    ),
+    "drift_feature_p_value": ("Two-sided p-value of the feature's window mean shift (Welch z).", "p_value"),
+    "drift_feature_q_value": (
+        "Benjamini-Hochberg adjusted p-value of the feature's shift, over all features of the window.",
+        "q_value",
+    ),
+    "drift_feature_detected": (
+        "1 when the feature's shift passes the model's thresholds (q below feature_alpha and |shift| above "
+        "feature_shift_min), else 0.",
+        "drifted",
+    ),
+}
+_COMPONENT_GAUGE = (
+    "drift_component_detected",
+    "1 when a component of the drift verdict (cluster_mix, novelty, intensity, out_of_scope) fires in the window, else 0.",
+)
+_THRESHOLD_GAUGE = (
+    "drift_threshold",
+    "The model's drift thresholds (psi_min, chi2_alpha, novelty_rate_min, novelty_alpha, min_images, "
+    "feature_alpha, feature_shift_min).",
+)
 
 
 #: ``result`` label values of ``cxr_monitor_dicom_stores_total``: queued for scoring, or why not.
@@ -140,6 +171,13 @@ class _DriftCollector(Collector):
         # Named without samples so registration checks names without computing drift.
         for name, (doc, _) in DRIFT_GAUGES.items():
             yield GaugeMetricFamily(self._prefix + name, doc, labels=self._labels)
+        yield GaugeMetricFamily(
+            self._prefix + _COMPONENT_GAUGE[0], _COMPONENT_GAUGE[1], labels=[*self._labels, "component"]
+        )
+        if self._prefix == PREFIX:
+            for name, (doc, _) in DRIFT_FEATURE_GAUGES.items():
+                yield GaugeMetricFamily(PREFIX + name, doc, labels=[*self._labels, "feature"])
+            yield GaugeMetricFamily(PREFIX + _THRESHOLD_GAUGE[0], _THRESHOLD_GAUGE[1], labels=["threshold"])
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         windows = self._snapshot()
@@ -148,6 +186,28 @@ class _DriftCollector(Collector):
             for key, snap in windows.items():
                 family.add_metric(list(key), snap.value(attribute))
             yield family
+        family = GaugeMetricFamily(
+            self._prefix + _COMPONENT_GAUGE[0], _COMPONENT_GAUGE[1], labels=[*self._labels, "component"]
+        )
+        for key, snap in windows.items():
+            for component, fired in snap.report.components.items():
+                family.add_metric([*key, component], float(fired))
+        yield family
+        if self._prefix != PREFIX:
+            return  # per-feature statistics and thresholds for the main windows only (bounded series)
+        for name, (doc, attribute) in DRIFT_FEATURE_GAUGES.items():
+            family = GaugeMetricFamily(PREFIX + name, doc, labels=[*self._labels, "feature"])
+            for key, snap in windows.items():
+                for f in snap.report.feature_drift:
+                    family.add_metric([*key, f.feature], float(getattr(f, attribute)))
+            yield family
+        family = GaugeMetricFamily(PREFIX + _THRESHOLD_GAUGE[0], _THRESHOLD_GAUGE[1], labels=["threshold"])
+        # Every window of one model shares its thresholds: export them once.
+        first = next(iter(windows.values()), None)
+        if first is not None:
+            for key, value in first.report.thresholds.items():
+                family.add_metric([key], float(value))
+        yield family
 
 
 #: Outcome store counter name (without prefix and ``_total``) → (help, ``stats()`` key).

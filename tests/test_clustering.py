@@ -258,3 +258,25 @@ def test_from_state_round_trip(three) -> None:
     assert np.array_equal(back.score_samples(X), est.score_samples(X))
     for a, b in zip(back.novelty(X), est.novelty(X), strict=True):
         assert np.array_equal(a, b)
+
+
+def test_cluster_features_limit_the_clusters_but_not_novelty() -> None:
+    X, y, _ = _blobs(3, 80, d=6, seed=5)
+    rng = np.random.default_rng(6)
+    X = np.hstack([X, rng.normal(size=(X.shape[0], 3))])  # three columns the clusters must ignore
+    c = SpectralClusterer(n_clusters=3, n_init=1, random_state=0, cluster_features=6).fit(X)
+    assert c.components_.shape[1] == 6 and c.novelty_precision_.shape == (9, 9)
+    assert _same_partition(c.labels_, y)
+    moved = X[:5].copy()
+    moved[:, 6:] += 50.0  # far outside the reference, but only in the unclustered columns
+    np.testing.assert_allclose(c.predict_proba(moved), c.predict_proba(X[:5]))
+    assert np.all(c.novelty(moved)[1] > c.novelty_threshold_)
+    back = SpectralClusterer.from_state(c.to_json(), c.to_arrays())
+    assert back.cluster_features == 6
+    np.testing.assert_allclose(back.predict_proba(moved), c.predict_proba(moved))
+
+
+def test_cluster_features_validation() -> None:
+    X, _, _ = _blobs(2, 30, d=4)
+    with pytest.raises(InvalidInputError, match=r"cluster_features must be in \[1, 4\], got 5"):
+        SpectralClusterer(n_clusters=2, cluster_features=5).fit(X)

@@ -11,9 +11,16 @@ from prometheus_client import CollectorRegistry, generate_latest
 
 from monitor.defaults import default_model_dir
 from monitor.engine import Engine
-from monitor.metrics import DRIFT_GAUGES, RATIO_BUCKETS, DicomMetrics, MonitorMetrics, WindowSnapshot
+from monitor.metrics import (
+    DRIFT_FEATURE_GAUGES,
+    DRIFT_GAUGES,
+    RATIO_BUCKETS,
+    DicomMetrics,
+    MonitorMetrics,
+    WindowSnapshot,
+)
 from monitor.server.tracking import DriftWindows, OutcomeLog, Prediction
-from monitor.types import DriftReport, ImageMeta, ScoredImage, ScoreResult
+from monitor.types import DriftReport, FeatureDrift, ImageMeta, ScoredImage, ScoreResult
 
 EXACT_NAMES = {
     "cxr_monitor_requests": "counter",
@@ -54,6 +61,12 @@ EXACT_NAMES = {
     "cxr_monitor_source_images_scored": "counter",
     "cxr_monitor_source_novel_images": "counter",
     "cxr_monitor_source_predicted_failures": "counter",
+    "cxr_monitor_drift_component_detected": "gauge",
+    "cxr_monitor_drift_feature_shift": "gauge",
+    "cxr_monitor_drift_feature_p_value": "gauge",
+    "cxr_monitor_drift_feature_q_value": "gauge",
+    "cxr_monitor_drift_feature_detected": "gauge",
+    "cxr_monitor_drift_threshold": "gauge",
 }
 
 
@@ -62,7 +75,12 @@ def _report(n: int = 40, drift: bool = True) -> DriftReport:
         n_images=n, drift=drift, psi=0.3, js_distance=0.2, chi2_p=1e-5, novelty_rate=0.1,
         estimated_failure_rate=0.4, reference_failure_rate=0.33, cluster_counts=(20, 10, 10),
         reference_mix=(0.4, 0.4, 0.2), top_shifted_features=(("jpeg_blockiness", 2.5),), max_feature_shift=2.5,
-        thresholds={},
+        thresholds={"feature_alpha": 1e-3, "feature_shift_min": 0.25},
+        intensity_drift=drift, components={"cluster_mix": False, "novelty": False, "intensity": drift},
+        feature_drift=(
+            FeatureDrift("jpeg_blockiness", "spectral", 0.1, 0.5, 0.6, 0.6, False),
+            FeatureDrift("intensity_mean_of_range", "intensity", -1.2, -8.0, 1e-15, 2e-15, drift),
+        ),
     )  # fmt: skip
 
 
@@ -73,7 +91,7 @@ def _scored(cluster: int = 1, novel: bool = False, blind: bool = False, p: float
         cluster_failure_probability=p,
     )  # fmt: skip
     meta = ImageMeta(source="x", format="png", rows=1024, columns=1024)
-    return ScoredImage(result, meta, np.zeros(31), {"decode": 0.01, "profile": 0.02, "score": 0.001})
+    return ScoredImage(result, meta, np.zeros(42), {"decode": 0.01, "profile": 0.02, "score": 0.001})
 
 
 @pytest.fixture
@@ -164,7 +182,9 @@ def test_outcome_and_request_counters(metrics: MonitorMetrics) -> None:
 
 def test_drift_gauges_are_read_at_collection(metrics: MonitorMetrics) -> None:
     get = metrics.registry.get_sample_value
-    assert set(DRIFT_GAUGES) == {n.removeprefix("cxr_monitor_") for n in EXACT_NAMES if "drift" in n}
+    per_window = {n.removeprefix("cxr_monitor_") for n in EXACT_NAMES if "drift" in n}
+    per_window -= set(DRIFT_FEATURE_GAUGES) | {"drift_component_detected", "drift_threshold"}
+    assert set(DRIFT_GAUGES) == per_window
     assert get("cxr_monitor_drift_psi", {"window": "count"}) == pytest.approx(0.3)
     assert get("cxr_monitor_drift_chi2_p_value", {"window": "count"}) == pytest.approx(1e-5)
     assert get("cxr_monitor_drift_detected", {"window": "count"}) == 1
@@ -277,3 +297,18 @@ def test_dicom_metrics_names() -> None:
         "cxr_monitor_dicom_queue_wait_seconds", "cxr_monitor_dicom_queue_images",
         "cxr_monitor_dicom_queue_capacity_images",
     }  # fmt: skip
+
+
+def test_per_component_and_per_feature_drift_gauges(metrics: MonitorMetrics) -> None:
+    get = metrics.registry.get_sample_value
+    assert get("cxr_monitor_drift_component_detected", {"window": "count", "component": "intensity"}) == 1
+    assert get("cxr_monitor_drift_component_detected", {"window": "time", "component": "intensity"}) == 0
+    assert get("cxr_monitor_drift_component_detected", {"window": "count", "component": "cluster_mix"}) == 0
+    labels = {"window": "count", "feature": "intensity_mean_of_range"}
+    assert get("cxr_monitor_drift_feature_shift", labels) == pytest.approx(-1.2)
+    assert get("cxr_monitor_drift_feature_p_value", labels) == pytest.approx(1e-15)
+    assert get("cxr_monitor_drift_feature_q_value", labels) == pytest.approx(2e-15)
+    assert get("cxr_monitor_drift_feature_detected", labels) == 1
+    assert get("cxr_monitor_drift_feature_detected", {"window": "count", "feature": "jpeg_blockiness"}) == 0
+    assert get("cxr_monitor_drift_threshold", {"threshold": "feature_alpha"}) == pytest.approx(1e-3)
+    assert get("cxr_monitor_drift_threshold", {"threshold": "feature_shift_min"}) == pytest.approx(0.25)

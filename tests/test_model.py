@@ -16,16 +16,21 @@ THRESHOLD = 0.5
 
 
 def synthetic_fit_data(seed: int = 0):
-    """Profiles of 3 well-separated groups (15 features), labels, scores, failures, records.
+    """Profiles of 3 well-separated groups (15 spectral + 11 intensity features), labels, scores, ...
 
     Group 2 (the smallest) is where the classifier fails: its score points the wrong way.
+    The intensity columns come from their own generator, so the spectral ones (what the
+    clusters see) are the same numbers as in the spectral-only profiles of spec 1.0.
     """
     rng = np.random.default_rng(seed)
     profiler = SpectralProfiler(working_size=64, n_bands=8)
-    d = len(profiler.feature_names)
+    d = profiler.n_spectral
     centres = rng.normal(size=(3, d)) * 8
     group = np.repeat(np.arange(3), SIZES)
     X = centres[group] + rng.normal(size=(group.size, d))
+    other = np.random.default_rng([seed, 1])
+    n_int = len(profiler.intensity_feature_names)
+    X = np.hstack([X, (other.normal(size=(3, n_int)) * 3)[group] + other.normal(size=(group.size, n_int))])
     labels = rng.integers(0, 2, size=group.size)
     wrong = rng.random(group.size) < np.array(FAIL_RATES)[group]
     decided = np.where(wrong, 1 - labels, labels)
@@ -150,7 +155,7 @@ def test_score_validation(model: ReliabilityModel, data) -> None:
     _, X, *_ = data
     with pytest.raises(InvalidInputError, match="expected 3 classifier scores, got 2"):
         model.score(X[:3], classifier_scores=[0.1, 0.2])
-    with pytest.raises(InvalidInputError, match="profiles have 14 features, the model expects 15"):
+    with pytest.raises(InvalidInputError, match="profiles have 14 features, the model expects 26"):
         model.score(X[:3, :14])
     with pytest.raises(
         InvalidInputError, match=r"classifier scores must be finite probabilities in \[0, 1\]"
@@ -168,7 +173,7 @@ def test_fit_validation(data) -> None:
         ReliabilityModel.fit(X, failures, profiler=profiler, records=records[:3])
     with pytest.raises(InvalidInputError, match="a decision threshold is needed to calibrate scores"):
         ReliabilityModel.fit(X, failures, profiler=profiler, labels=labels, scores=scores)
-    with pytest.raises(InvalidInputError, match="profiles have 15 features, the model expects 31"):
+    with pytest.raises(InvalidInputError, match="profiles have 26 features, the model expects 42"):
         ReliabilityModel.fit(X, failures, profiler=SpectralProfiler())
 
 
@@ -192,3 +197,24 @@ def test_drift_of_fit_set_and_of_one_cluster(model: ReliabilityModel, data) -> N
     shifted = report(np.flatnonzero(group == 2))
     assert shifted.drift is True
     assert shifted.estimated_failure_rate > model.reference_failure_probability
+
+
+def test_clusters_are_spectral_novelty_and_drift_see_intensity(model: ReliabilityModel, data) -> None:
+    profiler, X, *_ = data
+    n_spec = profiler.n_spectral
+    assert model.clusterer.cluster_features == n_spec
+    assert model.feature_components == ("spectral",) * n_spec + ("intensity",) * (X.shape[1] - n_spec)
+    # Moving only the intensity features: same clusters, but novel, and the intensity component drifts.
+    moved = X.copy()
+    moved[:, n_spec:] += 6.0 * model.clusterer.scale_[n_spec:]
+    before, after = model.score(X[:50]), model.score(moved[:50])
+    assert [r.cluster for r in before] == [r.cluster for r in after]
+    assert all(r.is_novel for r in after)
+    window = model.new_window()
+    Z = model.standardise(moved)
+    for i, r in enumerate(model.score(moved)):
+        window.add(r.cluster, r.is_novel, r.cluster_failure_probability, Z[i])
+    report = model.drift(window)
+    assert report.intensity_drift and report.components["intensity"] and not report.mix_drift
+    drifted = {f.feature for f in report.feature_drift if f.drifted}
+    assert drifted == set(profiler.intensity_feature_names)

@@ -347,3 +347,27 @@ def test_default_model_report(data_dir: Path, tmp_path: Path) -> None:
         assert f'id="fig-cluster{c}-images"' in html
     assert "pixel spacing, mm (scanner proxy)" in html and "view" in html
     assert not re.search(r"https?://", html)
+
+
+def test_cluster_description_names_intensity_changes_in_plain_words() -> None:
+    # Two groups told apart by the spectrum (JPEG); the second also darker and clipped at white.
+    X, _, _, profiler = _synthetic(seed=3)
+    names = profiler.feature_names
+    X = X[: SIZES[0] + SIZES[2]].copy()
+    X[:, names.index("intensity_mean_of_range")] = 0.55 + np.random.default_rng(1).normal(0, 0.02, len(X))
+    X[:, names.index("intensity_log_share_at_max")] = -3.5
+    second = np.arange(len(X)) >= SIZES[0]
+    X[second, names.index("jpeg_blockiness")] += 0.3
+    X[second, names.index("intensity_mean_of_range")] -= 0.15
+    X[second, names.index("intensity_log_share_at_max")] += 1.5
+    model = ReliabilityModel.fit(
+        X,
+        np.zeros(len(X), dtype=int),
+        profiler=profiler,
+        clusterer=SpectralClusterer(n_clusters=2, random_state=0),
+    )
+    dark = int(np.bincount(model.clusterer.predict(X[second]), minlength=2).argmax())
+    findings = {f.key: f for f in describe_cluster(model, dark).findings}
+    assert "darker images" in findings["intensity_mean_of_range"].meaning
+    assert "of the stored range" in findings["intensity_mean_of_range"].change
+    assert "clipping at the bright end" in findings["intensity_log_share_at_max"].meaning

@@ -269,7 +269,83 @@ def _scalar_finding(name: str, z: float, mine: float, ref: float) -> Finding | N
         )
         meaning = "JPEG compression" if up else "less JPEG compression than the reference"
         return Finding(name, z, change, meaning)
+    if name.startswith("intensity_"):
+        return _intensity_finding(name, z, mine, ref)
     return None
+
+
+# name → (what it is, meaning when higher, meaning when lower); the spec's intensity component.
+_INTENSITY_WORDS: dict[str, tuple[str, str, str]] = {
+    "intensity_mean_of_range": (
+        "mean grey level",
+        "brighter images: higher exposure or gain, a brighter window or display curve",
+        "darker images: lower exposure or gain, a darker window or display curve",
+    ),
+    "intensity_std_of_range": (
+        "grey-level spread",
+        "more global contrast: a narrower window or a steeper processing curve",
+        "less global contrast: a wider window or a flatter processing curve",
+    ),
+    "intensity_p01_of_range": (
+        "darkest 1% level",
+        "raised blacks: less contrast at the dark end or a lifted window",
+        "deeper blacks: more contrast at the dark end",
+    ),
+    "intensity_p99_of_range": (
+        "brightest 1% level",
+        "brighter highlights: more exposure, gain or contrast",
+        "dimmer highlights: less exposure, gain or contrast",
+    ),
+    "intensity_quantile_position_25": (
+        "lower-quartile position within the grey range",
+        "lifted shadows: a gamma below 1 or histogram equalisation",
+        "darker shadows: a gamma above 1",
+    ),
+    "intensity_quantile_position_50": (
+        "median position within the grey range",
+        "brighter mid-tones: a gamma below 1 or another display curve",
+        "darker mid-tones: a gamma above 1 or another display curve",
+    ),
+    "intensity_quantile_position_75": (
+        "upper-quartile position within the grey range",
+        "brighter upper mid-tones: a gamma below 1 or another display curve",
+        "darker upper mid-tones: a gamma above 1",
+    ),
+    "intensity_skewness": (
+        "skewness of the grey levels",
+        "more grey levels piled at the dark end with a bright tail",
+        "more grey levels piled at the bright end with a dark tail",
+    ),
+    "intensity_histogram_entropy": (
+        "evenness of the grey-level histogram",
+        "flatter histogram: histogram equalisation or strong local contrast processing",
+        "more peaked histogram: a narrower tonal range",
+    ),
+    "intensity_log_share_at_min": (
+        "share of pixels at the darkest value",
+        "clipping at the dark end (a window or gain pushing pixels to black)",
+        "fewer pixels clipped to black",
+    ),
+    "intensity_log_share_at_max": (
+        "share of pixels at the brightest value",
+        "clipping at the bright end (saturation: too much exposure, gain or contrast)",
+        "fewer pixels saturated to white",
+    ),
+}
+
+
+def _intensity_finding(name: str, z: float, mine: float, ref: float) -> Finding | None:
+    words = _INTENSITY_WORDS.get(name)
+    if words is None:
+        return None
+    what, higher, lower = words
+    if name.startswith("intensity_log_share_"):
+        change = f"{'more' if z > 0 else 'fewer'} pixels at the extreme ({10**mine:.2%} vs {10**ref:.2%})"
+    elif name.endswith("_of_range"):
+        change = f"{'higher' if z > 0 else 'lower'} {what} ({mine:.0%} of the stored range vs {ref:.0%})"
+    else:
+        change = f"{'higher' if z > 0 else 'lower'} {what} ({mine:.2f} vs {ref:.2f})"
+    return Finding(name, z, change, higher if z > 0 else lower)
 
 
 def describe_cluster(
