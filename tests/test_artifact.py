@@ -161,11 +161,11 @@ def test_other_format_version(saved: Path) -> None:
 
 def test_other_spec_version_asks_for_refit(saved: Path) -> None:
     manifest = json.loads((saved / "manifest.json").read_text())
-    manifest["spec_version"] = "0.9"
+    manifest["spec_version"] = "1.0"
     (saved / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(
         ArtifactError,
-        match=r"fitted with spectral profile spec '0\.9', this cxr-monitor computes spec '1\.0'; refit the model",
+        match=r"fitted with spectral profile spec '1\.0', this cxr-monitor computes spec '2\.0'; refit the model",
     ):
         load_model(saved)
 
@@ -208,7 +208,7 @@ def test_feature_names_of_another_spec(saved: Path) -> None:
     doc["spectrum"]["feature_names"][0] = "something_else"
     (saved / "model.json").write_text(json.dumps(doc))
     _rewrite_manifest(saved)
-    with pytest.raises(ArtifactError, match="feature names differ from those of profile spec 1.0"):
+    with pytest.raises(ArtifactError, match="feature names differ from those of profile spec 2.0"):
         load_model(saved)
 
 
@@ -218,5 +218,5 @@ def test_bundled_default_model_loads() -> None:
     manifest = json.loads((directory / "manifest.json").read_text())
     assert model.model_id == manifest["model_id"]
     assert model.fingerprint() == model.model_id
-    assert len(model.feature_names) == 31
-    assert model.fit_profiles is not None and model.fit_profiles.shape == (len(model.fit_records), 31)
+    assert len(model.feature_names) == 42
+    assert model.fit_profiles is not None and model.fit_profiles.shape == (len(model.fit_records), 42)

@@ -40,7 +40,7 @@ def test_profiles_in_input_order(images: list[Path], profiler: SpectralProfiler)
     assert result.errors == [] and result.cache_hits == 0
     assert result.profiles.shape == (6, len(profiler.feature_names))
     for path, row in zip(images, result.profiles, strict=True):
-        assert np.array_equal(row, profiler.profile(load_image(path).pixels))
+        assert np.array_equal(row, profiler.profile_image(load_image(path)))
     assert all("source" not in m for m in result.metas)
     assert result.metas[0]["format"] == "png" and result.metas[0]["rows"] == 96
 

@@ -64,7 +64,7 @@ def test_profile_json(data_dir: Path, capsys: pytest.CaptureFixture[str]) -> Non
     assert main(["profile", str(dcm), "--json"]) == 0
     (obj,) = _json_lines(capsys.readouterr().out)
     assert obj["image"] == str(dcm)
-    assert len(obj["features"]) == 31
+    assert len(obj["features"]) == 42
     assert all(np.isfinite(v) for v in obj["features"].values())
     assert "spectral_slope_high" in obj["features"]
 
@@ -214,3 +214,22 @@ def test_empty_folder_error_names_the_folder(
     assert main([*command, str(empty)]) == 3
     err = capsys.readouterr().err
     assert f"no image files in {empty} (looked for .dcm, .dicom, " in err
+
+
+def test_drift_names_a_brightness_change_as_intensity_drift(
+    data_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # 40 NIH images at 0.7 x their gain: invisible to the spectrum, seen by the intensity component.
+    from PIL import Image
+
+    paths = []
+    for src in sorted((data_dir / "nih" / "images").glob("*.webp"))[:40]:
+        with Image.open(src) as im:
+            dark = (np.asarray(im.convert("L"), dtype=np.float32) * 0.7).round().astype(np.uint8)
+        paths.append(tmp_path / f"{src.stem}.png")
+        Image.fromarray(dark).save(paths[-1])
+    assert main(["drift", "--model", str(DEFAULT_MODEL), *map(str, paths)]) == 0
+    out = capsys.readouterr().out
+    assert "DRIFT" in out.splitlines()[0]
+    assert "intensity distribution shifted: intensity_" in out
+    assert "intensity DRIFT" in out

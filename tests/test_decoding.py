@@ -298,7 +298,7 @@ def test_decode_and_profile_matches_the_profiler(png_bytes_small: bytes) -> None
     assert meta.format == "png" and decode_s >= 0 and profile_s >= 0
     from monitor.imaging import load_bytes
 
-    expected = SpectralProfiler(128, 8).profile(load_bytes(png_bytes_small).pixels)
+    expected = SpectralProfiler(128, 8).profile_image(load_bytes(png_bytes_small))
     np.testing.assert_array_equal(profile, expected)
 
 

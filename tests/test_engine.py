@@ -56,7 +56,7 @@ def _assert_finite(s: ScoredImage, n_clusters: int) -> None:
     assert np.all(np.isfinite(values))
     assert len(r.memberships) == n_clusters and sum(r.memberships) == pytest.approx(1.0)
     assert 0 <= r.failure_probability <= 1 and 0 <= r.novelty <= 1
-    assert s.z_profile.shape == (31,) and np.all(np.isfinite(s.z_profile))
+    assert s.z_profile.shape == (42,) and np.all(np.isfinite(s.z_profile))
     assert set(s.timings) == {"decode", "profile", "score"}
     assert all(t >= 0 for t in s.timings.values())
 

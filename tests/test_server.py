@@ -159,7 +159,7 @@ def test_score_dicom_matches_the_engine(
     assert r.failure_interval.lower <= r.cluster_failure_probability <= r.failure_interval.upper
     assert r.image.format == "dicom" and r.image.modality == "CR"
     assert (r.image.rows, r.image.columns) == (local.meta.rows, local.meta.columns)
-    assert r.model_id == engine.model.model_id and r.spec_version == "1.0"
+    assert r.model_id == engine.model.model_id and r.spec_version == "2.0"
     assert len(r.top_features) == 3 and r.top_features[0].name in engine.model.feature_names
     t = r.timings
     assert min(t.decode_seconds, t.profile_seconds, t.score_seconds) > 0
@@ -474,7 +474,7 @@ def test_model_info_matches_the_model(client: ReliabilityClient, engine: Engine)
     info = client.model_info()
     m = engine.model
     rates = m.rates.to_json()
-    assert info.model_id == m.model_id and info.spec_version == "1.0"
+    assert info.model_id == m.model_id and info.spec_version == "2.0"
     assert len(info.clusters) == m.n_clusters
     for c, row, share in zip(info.clusters, rates["clusters"], m.reference_mix, strict=True):
         assert (c.cluster, c.n_images, c.n_failures, c.blind_spot) == (
@@ -531,7 +531,7 @@ def test_metrics_over_http(sidecar: tuple, client: ReliabilityClient, engine: En
     )
     assert _sample(text, "cxr_monitor_requests_total", 'code="OK",method="Score"') >= 1
     assert _sample(text, "cxr_monitor_model_loaded") == 1
-    assert f'model_id="{engine.model.model_id}"' in text and 'spec_version="1.0"' in text
+    assert f'model_id="{engine.model.model_id}"' in text and 'spec_version="2.0"' in text
     for c in range(engine.model.n_clusters):
         assert f'cxr_monitor_cluster_assignments_total{{cluster="{c}"}}' in text
         assert f'cxr_monitor_reference_cluster_ratio{{cluster="{c}"}}' in text

@@ -96,6 +96,10 @@ def _cmd_drift(args: argparse.Namespace) -> int:
         for reason in report.reasons:
             print(f"  - {reason}")
         print(
+            "  components: "
+            + ", ".join(f"{k} {'DRIFT' if v else 'ok'}" for k, v in report.components.items())
+        )
+        print(
             f"  PSI {report.psi:.3f}  JS distance {report.js_distance:.3f}  chi-square p {report.chi2_p:.3g}"
         )
         print(
