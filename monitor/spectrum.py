@@ -30,8 +30,8 @@ __all__ = [
     "DEFAULT_WORKING_SIZE",
     "INTENSITY_FEATURES",
     "SPEC_VERSION",
-    "full_scale",
     "SpectralProfiler",
+    "full_scale",
     "load_wisdom",
     "save_wisdom",
 ]

@@ -540,8 +540,11 @@ def test_metrics_over_http(sidecar: tuple, client: ReliabilityClient, engine: En
     assert "metrics-secret-id-42" not in text and r.request_id not in text and "request_id" not in text
     labels = {part.split("=")[0] for line in text.splitlines() if "{" in line and not line.startswith("#")
               for part in line[line.index("{") + 1 : line.index("}")].split(",") if part}  # fmt: skip
+    # component: 4 drift components; feature: the model's fixed feature names; threshold: the drift thresholds.
     assert labels <= {"method", "code", "stage", "le", "cluster", "outcome", "window", "source", "model_id", "spec_version", "reason",
-                      "version", "kind", "field", "result"}  # fmt: skip
+                      "version", "kind", "field", "result", "component", "feature", "threshold"}  # fmt: skip
+    features = {line.split('feature="')[1].split('"')[0] for line in text.splitlines() if 'feature="' in line}
+    assert features <= set(engine.model.feature_names)
 
 
 # --------------------------------------------------------------------------- lifecycle
