@@ -90,8 +90,14 @@ def engine() -> Engine:
 
 @pytest.fixture(scope="module")
 def chest_pixels(data_dir: Path) -> np.ndarray:
-    """A real chest radiograph's pixels: typical for the default model (not novel)."""
-    return pydicom.dcmread(data_dir / "dicom" / CHEST_DICOM).pixel_array
+    """A real chest radiograph's pixels: typical for the default model (not novel).
+
+    The file is 8-bit and :func:`dicom_bytes` writes 16-bit DICOMs (Bits Stored 16), so the
+    values are scaled to the full 16-bit range (x 257): the same image at that depth. Left in
+    0..255 they would sit in the bottom 1/256 of the stored range, which the intensity level
+    features of profile spec 2.0 rightly find novel.
+    """
+    return pydicom.dcmread(data_dir / "dicom" / CHEST_DICOM).pixel_array.astype(np.uint16) * np.uint16(257)
 
 
 # --------------------------------------------------------------------------- rules
