@@ -99,6 +99,9 @@ class AdmissionControl:
     alpha = 0.1
     #: Service times seen before deadlines are judged (until then every call is let in).
     min_samples = 5
+    #: Headroom on the estimate when judging a deadline against queued work: service times vary,
+    #: and a call admitted just too late costs its decode and still fails.
+    margin = 1.2
 
     def __init__(self, max_in_flight: int, workers: int, memory_budget: int) -> None:
         self.max_in_flight = max_in_flight
@@ -130,6 +133,15 @@ class AdmissionControl:
             return None
         return math.ceil((ahead + 1) / self.workers) * self._service
 
+    def precheck(self, deadline_left: float | None, what: str) -> None:
+        """Raise at once if the count or deadline limit refuses any image now (reserves nothing).
+
+        The caller runs it before it reads the image's header for :meth:`admit`'s memory cost,
+        so that a call refused anyway is refused without that work.
+        """
+        with self._lock:
+            self._check_count_and_deadline(deadline_left, what)
+
     def admit(self, encoded: int, decode: int, deadline_left: float | None, what: str) -> Pass:
         """Let one image in, or raise :class:`OverloadedError` at once.
 
@@ -144,12 +156,7 @@ class AdmissionControl:
         """
         cost = encoded + decode
         with self._lock:
-            if self._in_flight >= self.max_in_flight:
-                raise OverloadedError(
-                    f"{what}: server overloaded: {self._in_flight} images in flight "
-                    f"(limit max_concurrent_rpcs={self.max_in_flight}); retry with backoff",
-                    "in_flight",
-                )
+            self._check_count_and_deadline(deadline_left, what)
             if self.memory_budget:
                 if cost > self.memory_budget:
                     raise OverloadedError(
@@ -166,24 +173,32 @@ class AdmissionControl:
                         f"one needs about {cost / 2**20:.0f} MiB); retry with backoff",
                         "memory",
                     )
-            if deadline_left is not None:
-                alone = self._estimate(0)
-                if alone is not None and alone > deadline_left:  # too short even on an idle server
-                    raise DeadlineExceededError(
-                        f"{what}: the deadline ({deadline_left:.3g} s left) is shorter than the time one "
-                        f"image takes (about {alone:.3g} s): deadline exceeded before decoding"
-                    )
-                estimate = self._estimate(self._in_flight)
-                if estimate is not None and estimate > deadline_left:
-                    raise OverloadedError(
-                        f"{what}: cannot be served before its deadline ({deadline_left:.3g} s left; about "
-                        f"{estimate:.3g} s needed with {self._in_flight} images ahead); retry with backoff "
-                        "or a longer deadline",
-                        "deadline",
-                    )
             self._in_flight += 1
             self._encoded += encoded
         return Pass(self, encoded, decode)
+
+    def _check_count_and_deadline(self, deadline_left: float | None, what: str) -> None:
+        if self._in_flight >= self.max_in_flight:
+            raise OverloadedError(
+                f"{what}: server overloaded: {self._in_flight} images in flight "
+                f"(limit max_concurrent_rpcs={self.max_in_flight}); retry with backoff",
+                "in_flight",
+            )
+        if deadline_left is not None:
+            alone = self._estimate(0)
+            if alone is not None and alone > deadline_left:  # too short even on an idle server
+                raise DeadlineExceededError(
+                    f"{what}: the deadline ({deadline_left:.3g} s left) is shorter than the time one "
+                    f"image takes (about {alone:.3g} s): deadline exceeded before decoding"
+                )
+            estimate = self._estimate(self._in_flight)
+            if estimate is not None and estimate * self.margin > deadline_left:
+                raise OverloadedError(
+                    f"{what}: cannot be served before its deadline ({deadline_left:.3g} s left; about "
+                    f"{estimate:.3g} s needed with {self._in_flight} images ahead); retry with backoff "
+                    "or a longer deadline",
+                    "deadline",
+                )
 
     def _start(self, decode: int, deadline: float | None) -> bool:
         with self._freed:

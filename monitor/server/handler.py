@@ -417,8 +417,9 @@ class RequestHandler:
         left = remaining()
         if left is not None and left <= 0:  # already late (or gone): not an overload
             raise DeadlineExceededError(f"request {rid}: deadline exceeded before decoding")
-        held, decode = engine.memory_estimate(source, kind=image.kind)
         try:
+            self.admission.precheck(left, f"request {rid}")  # before the header is read for memory
+            held, decode = engine.memory_estimate(source, kind=image.kind)
             admitted = self.admission.admit(held, decode, left, f"request {rid}")
         except OverloadedError as exc:
             self.metrics.observe_shed(exc.reason)
