@@ -99,9 +99,6 @@ class AdmissionControl:
     alpha = 0.1
     #: Service times seen before deadlines are judged (until then every call is let in).
     min_samples = 5
-    #: Headroom on the estimate when judging a deadline against queued work: service times vary,
-    #: and a call admitted just too late costs its decode and still fails.
-    margin = 1.2
 
     def __init__(self, max_in_flight: int, workers: int, memory_budget: int) -> None:
         self.max_in_flight = max_in_flight
@@ -192,7 +189,7 @@ class AdmissionControl:
                     f"image takes (about {alone:.3g} s): deadline exceeded before decoding"
                 )
             estimate = self._estimate(self._in_flight)
-            if estimate is not None and estimate * self.margin > deadline_left:
+            if estimate is not None and estimate > deadline_left:
                 raise OverloadedError(
                     f"{what}: cannot be served before its deadline ({deadline_left:.3g} s left; about "
                     f"{estimate:.3g} s needed with {self._in_flight} images ahead); retry with backoff "
