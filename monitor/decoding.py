@@ -29,6 +29,7 @@ import collections
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import signal
 import socket
@@ -221,6 +222,9 @@ def _child_main(sock: socket.socket, task: Task, setup: Callable[[], None] | Non
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1)
+    # Decoding yields the CPU to the parent: admission, health checks and replies are short and
+    # must not queue behind a decode when the cores are saturated (they shed and answer at once).
+    os.nice(_CHILD_NICENESS)
     while True:
         try:
             header, data = _recv(sock, max_data=1 << 62)
@@ -652,6 +656,7 @@ class DecodePool:
 
 
 _RESPAWN_WAIT = 10.0  # seconds to wait for a replacement child
+_CHILD_NICENESS = 5  # added to a decoder process's nice value
 _WATCH_INTERVAL = 0.1  # seconds between the watchdog's looks at the children
 
 
