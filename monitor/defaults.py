@@ -12,8 +12,12 @@ from pathlib import Path
 
 __all__ = [
     "DEFAULT_ADDRESS",
+    "DEFAULT_AUDIT_ALPHA",
+    "DEFAULT_AUDIT_MIN_EFFECT",
+    "DEFAULT_AUDIT_MIN_SEGMENT_IMAGES",
     "DEFAULT_DECODE_TIMEOUT",
     "DEFAULT_HOST",
+    "DEFAULT_MAX_FIT_PROFILES",
     "DEFAULT_MAX_MESSAGE_BYTES",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MEMORY_BUDGET_BYTES",
@@ -48,6 +52,17 @@ DEFAULT_MEMORY_BUDGET_BYTES = 384 * 2**20
 """Bytes that the images being scored may need together; see deploy/README.md for the sizing."""
 DEFAULT_DECODE_TIMEOUT = 60.0
 """Seconds a decoder process may spend on one image before it is killed and replaced."""
+
+DEFAULT_MAX_FIT_PROFILES = 100_000
+"""Above this many profiles ``fit`` clusters a seeded sample, then assigns every profile
+(the BIC search's time grows linearly with n; benchmarks/results/scale.md)."""
+
+DEFAULT_AUDIT_ALPHA = 0.01
+"""``audit``: false discovery rate of change points over groups."""
+DEFAULT_AUDIT_MIN_EFFECT = 0.5
+"""``audit``: smallest feature-mean change that counts, in pooled SD (Cohen's "medium" effect)."""
+DEFAULT_AUDIT_MIN_SEGMENT_IMAGES = 20
+"""``audit``: images needed on each side of a change point."""
 
 EXIT_OK, EXIT_PARTIAL, EXIT_USAGE, EXIT_ERROR = 0, 1, 2, 3
 """CLI exit status: success; some inputs failed (each reported); usage error; error."""

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from .artifact import save_model
-from .batch import profile_files
+from .batch import BatchResult, profile_files
 from .clustering import SpectralClusterer
+from .defaults import DEFAULT_MAX_FIT_PROFILES
 from .errors import InvalidInputError
 from .model import ReliabilityModel
 from .scope import ScopeRules
@@ -120,6 +121,23 @@ class FitReport:
     seconds: float = 0.0
 
 
+def _collect(stream: Any, n_features: int) -> BatchResult:
+    """A :class:`~monitor.batch.BatchResult` from a stream of ``ProfiledFile``."""
+    paths, rows, metas, errors, hits = [], [], [], [], 0
+    for item in stream:
+        if item.error is not None:
+            errors.append((item.source, item.error))
+            continue
+        paths.append(item.source)
+        rows.append(item.profile)
+        meta = item.meta.to_dict()
+        meta.pop("source", None)
+        metas.append(meta)
+        hits += item.cached
+    profiles = np.vstack(rows) if rows else np.empty((0, n_features))
+    return BatchResult(paths, profiles, metas, errors, hits)
+
+
 def fit_folder(
     images: str | os.PathLike,
     outcomes: str | os.PathLike,
@@ -137,6 +155,8 @@ def fit_folder(
     card: dict[str, Any] | None = None,
     working_size: int | None = None,
     scope_overrides: Mapping[str, str] | None = None,
+    runner: Any = None,
+    max_fit_profiles: int | None = DEFAULT_MAX_FIT_PROFILES,
 ) -> FitReport:
     """Profile the listed images, fit a :class:`ReliabilityModel` and save it to ``out``.
 
@@ -144,28 +164,59 @@ def fit_folder(
     (:meth:`ScopeRules.learn`); ``scope_overrides`` replaces lists by field (``modalities``,
     ``body_parts``, ``view_positions``), each as text such as ``"CR,DX"`` or ``"*"``.
 
+    Parameters
+    ----------
+    images : path or URL
+        Folder of the images; an fsspec URL (``s3://bucket/refset``) with a ``runner``.
+    runner : object, optional
+        Profiles on other machines instead of local processes: anything with
+        ``profile_stream(sources, spec, cache_dir=...)`` yielding
+        :class:`~monitor.parallel.ProfiledFile` in input order, such as
+        :class:`monitor.distributed.DaskRunner` (its cache is a Parquet dataset under
+        ``cache_dir``). Images are then named by ``images + "/" + image``.
+    max_fit_profiles : int, optional
+        Cluster a seeded sample of this many profiles when there are more, then assign all
+        (see :meth:`ReliabilityModel.fit`); ``None``: always cluster every profile.
+
     Raises
     ------
     InvalidInputError
         Bad outcomes table; with ``strict``, any image that fails to load.
     """
     t0 = time.perf_counter()
-    images = Path(images)
-    if not images.is_dir():
-        raise InvalidInputError(f"{images}: image folder not found")
+    is_url = runner is not None and "://" in os.fspath(images)
+    if not is_url:
+        images = Path(images)
+        if not images.is_dir():
+            raise InvalidInputError(f"{images}: image folder not found")
     table = read_outcomes(outcomes, threshold)
-    wisdom = Path(cache_dir) / "fftw-wisdom.txt" if cache_dir is not None else None
+    wisdom = Path(cache_dir) / "fftw-wisdom.txt" if cache_dir is not None and runner is None else None
     profiler = SpectralProfiler(working_size=working_size or DEFAULT_WORKING_SIZE, wisdom_path=wisdom)
-    batch = profile_files(
-        [images / name for name in table.images], profiler, jobs=jobs, cache_dir=cache_dir, progress=progress
-    )
+    if runner is None:
+        batch = profile_files(
+            [images / name for name in table.images],
+            profiler,
+            jobs=jobs,
+            cache_dir=cache_dir,
+            progress=progress,
+        )
+    else:
+        base = os.fspath(images).rstrip("/")
+        batch = _collect(
+            runner.profile_stream(
+                [f"{base}/{name}" for name in table.images], profiler.spec(), cache_dir=cache_dir
+            ),
+            len(profiler.feature_names),
+        )
+        index = {f"{base}/{name}": i for i, name in enumerate(table.images)}
     errors = [(str(p), reason) for p, reason in batch.errors]
     if errors and strict:
         listing = "; ".join(reason for _, reason in errors[:5])
         raise InvalidInputError(
             f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}"
         )
-    index = {images / name: i for i, name in enumerate(table.images)}
+    if runner is None:
+        index = {images / name: i for i, name in enumerate(table.images)}
     keep = np.array([index[p] for p in batch.paths], dtype=np.intp)
     records = [
         {
@@ -197,6 +248,7 @@ def fit_folder(
         card={**(card or {}), "fit_data": summary, "seed": seed},
         records=records,
         scope=ScopeRules.learn(records).with_overrides(**(scope_overrides or {})),
+        max_fit_profiles=max_fit_profiles,
     )
     save_model(model, out)
     return FitReport(

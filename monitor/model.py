@@ -26,6 +26,8 @@ from .types import DriftReport, ScoreResult
 
 __all__ = ["ReliabilityModel", "library_versions"]
 
+_CHUNK = 65_536
+
 
 def library_versions() -> dict[str, str]:
     """Versions of everything that can change a number the model reports."""
@@ -96,6 +98,7 @@ class ReliabilityModel:
         card: dict[str, Any] | None = None,
         records: list[dict[str, Any]] | None = None,
         scope: ScopeRules | None = None,
+        max_fit_profiles: int | None = None,
     ) -> ReliabilityModel:
         """Fit clusters, failure rates and (when labels and scores are given) calibration.
 
@@ -115,6 +118,12 @@ class ReliabilityModel:
             per-cluster calibration used when a request carries the classifier's score.
         scope : ScopeRules, optional
             Header allow-lists; default: :meth:`ScopeRules.learn` from ``records``.
+        max_fit_profiles : int, optional
+            Above this many profiles, the clusters (standardisation, PCA, mixture, novelty
+            scale) are fitted on a seeded random sample of this size, then every profile is
+            assigned in chunks for the failure rates, calibration, cluster statistics and
+            reference mix, so time and memory of the clustering stop growing with n. The
+            model then keeps only the sample's profiles and records (``card["fit_sample"]``).
         """
         X = check_profiles(profiles, len(profiler.feature_names))
         failures = np.asarray(failures)
@@ -127,8 +136,15 @@ class ReliabilityModel:
             # Clusters describe the spectrum (their failure rates are what E1/E2 measure); the
             # intensity component joins novelty and per-feature drift, where it adds sight.
             clusterer.set_params(cluster_features=profiler.n_spectral)
-        clusterer.fit(X)
-        memberships = clusterer.predict_proba(X)
+        n = X.shape[0]
+        kept = np.arange(n)
+        if max_fit_profiles is not None and n > max_fit_profiles:
+            rng = np.random.default_rng(clusterer.random_state)
+            kept = np.sort(rng.choice(n, size=max_fit_profiles, replace=False))
+        clusterer.fit(X[kept] if kept.size < n else X)
+        # The assignment pass, in chunks: no n x d temporary beyond one chunk.
+        chunks = [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
+        memberships = np.vstack([clusterer.predict_proba(X[c]) for c in chunks])
         hard = memberships.argmax(axis=1)
         k = clusterer.n_clusters_
         rates = ClusterFailureRates(n_clusters=k, prior_strength=prior_strength).fit(hard, failures)
@@ -137,16 +153,8 @@ class ReliabilityModel:
             if threshold is None:
                 raise InvalidInputError("a decision threshold is needed to calibrate scores")
             calibrator = ClusterCalibrator(threshold=threshold).fit(scores, labels, memberships)
-        Z = clusterer.standardise(X)
-        mean = np.zeros((k, X.shape[1]))
-        std = np.ones((k, X.shape[1]))
-        for c in range(k):
-            rows = Z[hard == c]
-            if len(rows):
-                mean[c] = rows.mean(axis=0)
-            if len(rows) > 1:
-                std[c] = np.maximum(rows.std(axis=0), 1e-3)
-        _, distance = clusterer.novelty(X)
+        mean, std = _cluster_feature_stats(clusterer, X, hard, k, chunks)
+        distance = np.concatenate([clusterer.novelty(X[c])[1] for c in chunks])
         ref_novel = float(np.mean(distance > clusterer.novelty_threshold_))
         model = cls(
             profiler=profiler,
@@ -160,17 +168,19 @@ class ReliabilityModel:
             reference_failure_probability=float(np.mean(rates.predict_failure(memberships)[0])),
             drift_thresholds=drift_thresholds,
             card=dict(card or {}),
-            fit_profiles=X,
+            fit_profiles=X[kept] if kept.size < n else X,
             fit_records=[
                 {
                     **(records[i] if records is not None else {}),
                     "cluster": int(hard[i]),
                     "failure": int(failures[i]),
                 }
-                for i in range(X.shape[0])
+                for i in kept
             ],
         )
         model.scope = scope if scope is not None else ScopeRules.learn(model.fit_records)
+        if kept.size < n:
+            model.card["fit_sample"] = {"n_profiles": n, "n_clustered": int(kept.size)}
         model.card.setdefault("versions", library_versions())
         model.card["model_id"] = model.fingerprint()
         return model
@@ -292,3 +302,25 @@ class ReliabilityModel:
     def reference_size(self) -> int:
         """Number of reference (fit) images."""
         return int(self.clusterer.reference_distances_.size)
+
+
+def _cluster_feature_stats(
+    clusterer: SpectralClusterer, X: np.ndarray, hard: np.ndarray, k: int, chunks: list[slice]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (floored at 1e-3; 1 for clusters of < 2) of the standardised profiles per cluster.
+
+    Accumulated over chunks as shifted sums, so no standardised copy of all profiles is held.
+    """
+    d = X.shape[1]
+    count = np.bincount(hard, minlength=k).astype(np.float64)
+    total = np.zeros((k, d))
+    for c in chunks:
+        np.add.at(total, hard[c], clusterer.standardise(X[c]))
+    mean = np.divide(total, count[:, None], out=np.zeros((k, d)), where=count[:, None] > 0)
+    sq = np.zeros((k, d))
+    for c in chunks:
+        np.add.at(sq, hard[c], (clusterer.standardise(X[c]) - mean[hard[c]]) ** 2)
+    std = np.ones((k, d))
+    many = count > 1
+    std[many] = np.maximum(np.sqrt(sq[many] / count[many, None]), 1e-3)
+    return mean, std

@@ -30,15 +30,17 @@ CORE = (
     "engine",
     "store",
     "refit",
+    "parallel",
 )
-FORBIDDEN = ("grpc", "prometheus_client", "pynetdicom")
+FORBIDDEN = ("grpc", "prometheus_client", "pynetdicom", "dask", "distributed", "pyarrow", "fsspec")
 
 
 def test_core_never_imports_transports() -> None:
     code = (
         "import monitor.engine, monitor.artifact, monitor.model, monitor.batch, monitor.fitting, monitor.store, "
-        "monitor.refit; import sys; "
-        "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client', 'pynetdicom'))])"
+        "monitor.refit, monitor.parallel; import sys; "
+        "print([m for m in sys.modules if m.startswith(('grpc', 'prometheus_client', 'pynetdicom', 'dask', "
+        "'distributed', 'pyarrow', 'fsspec'))])"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
@@ -133,3 +135,16 @@ def test_sidecar_without_dicom_node_never_loads_pynetdicom() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
+
+
+def test_cli_help_and_local_runs_never_import_dask() -> None:
+    """Dask is imported only on the --scheduler path: `--help` and the CLI's parser stay light."""
+    code = (
+        "import sys; from monitor.cli import build_parser; build_parser(); "
+        "import monitor.commands.runner; "
+        "print([m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed', 'pyarrow', 'fsspec')])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert out.stdout.strip() == "[]", out.stdout

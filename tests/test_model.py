@@ -218,3 +218,34 @@ def test_clusters_are_spectral_novelty_and_drift_see_intensity(model: Reliabilit
     assert report.intensity_drift and report.components["intensity"] and not report.mix_drift
     drifted = {f.feature for f in report.feature_drift if f.drifted}
     assert drifted == set(profiler.intensity_feature_names)
+
+
+def test_fit_on_a_sample_then_assigns_every_profile(data) -> None:
+    """max_fit_profiles: clusters from a sample, rates and mix from all profiles."""
+    profiler, X, group, labels, scores, failures, records = data
+    kw = dict(profiler=profiler, labels=labels, scores=scores, threshold=THRESHOLD, records=records)
+    full = ReliabilityModel.fit(X, failures, clusterer=SpectralClusterer(k_range=(2, 5), n_init=1), **kw)
+    half = X.shape[0] // 2
+    sampled = ReliabilityModel.fit(
+        X, failures, clusterer=SpectralClusterer(k_range=(2, 5), n_init=1), max_fit_profiles=half, **kw
+    )
+    assert sampled.card["fit_sample"] == {"n_profiles": X.shape[0], "n_clustered": half}
+    assert sampled.fit_profiles.shape[0] == half and len(sampled.fit_records) == half
+    assert sampled.n_clusters == full.n_clusters == 3
+    # Every profile was assigned: the rates count all of them, and they agree with the full fit.
+    assert (
+        sampled.rates.to_json()["clusters"][0]["n_images"]
+        + sum(c["n_images"] for c in sampled.rates.to_json()["clusters"][1:])
+        == X.shape[0]
+    )
+    np.testing.assert_allclose(sorted(sampled.reference_mix), sorted(full.reference_mix), atol=0.01)
+    a = [r.cluster for r in full.score(X)]
+    b = [r.cluster for r in sampled.score(X)]
+    from sklearn.metrics import adjusted_rand_score
+
+    assert adjusted_rand_score(a, b) > 0.99
+    # No sample below the cap: the fit is the full fit.
+    same = ReliabilityModel.fit(
+        X, failures, clusterer=SpectralClusterer(k_range=(2, 5), n_init=1), max_fit_profiles=10**6, **kw
+    )
+    assert same.model_id == full.model_id and "fit_sample" not in same.card

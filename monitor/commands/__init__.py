@@ -7,9 +7,9 @@ command functions, so ``--help`` and the offline commands stay light.
 
 from __future__ import annotations
 
-from . import client, fit, info, profile, refit, report, score, serve
+from . import audit, client, fit, info, profile, refit, report, score, serve
 
 __all__ = ["COMMANDS"]
 
-COMMANDS = (profile, fit, refit, score, info, report, serve, client)
+COMMANDS = (profile, fit, refit, score, audit, info, report, serve, client)
 """In the order ``cxr-monitor --help`` lists them."""

@@ -6,26 +6,19 @@ import argparse
 import sys
 from typing import Any
 
-from ..defaults import EXIT_OK, EXIT_PARTIAL
+from ..defaults import DEFAULT_MAX_FIT_PROFILES, EXIT_OK, EXIT_PARTIAL
 from ..errors import InvalidInputError
 from .output import add_command, print_cluster_table, print_json, print_scope
+from .runner import add_parallel_arguments, progress_enabled, resolve_jobs
 
 __all__ = ["register"]
 
 
-def _run(args: argparse.Namespace) -> int:
+def _fit(args: argparse.Namespace, clusters: str | int, runner: Any) -> Any:
     from ..batch import default_cache_dir
     from ..fitting import fit_folder
 
-    clusters: str | int = args.clusters
-    if clusters != "auto":
-        try:
-            clusters = int(clusters)
-        except ValueError:
-            raise InvalidInputError(
-                f"--clusters must be 'auto' or an integer, got {args.clusters!r}"
-            ) from None
-    report = fit_folder(
+    return fit_folder(
         args.images,
         args.outcomes,
         args.out,
@@ -34,12 +27,35 @@ def _run(args: argparse.Namespace) -> int:
         k_max=args.k_max,
         min_cluster_size=args.min_cluster_size,
         seed=args.seed,
-        jobs=args.jobs,
+        jobs=resolve_jobs(args.jobs),
         cache_dir=None if args.no_cache else (args.cache_dir or default_cache_dir()),
         strict=args.strict,
-        progress=not args.json and sys.stderr.isatty() or args.progress,
+        progress=args.progress or (not args.json and progress_enabled(args)),
+        runner=runner,
+        max_fit_profiles=args.max_fit_profiles or None,
         scope_overrides=_scope_overrides(args),
     )
+
+
+def _run(args: argparse.Namespace) -> int:
+    clusters: str | int = args.clusters
+    if clusters != "auto":
+        try:
+            clusters = int(clusters)
+        except ValueError:
+            raise InvalidInputError(
+                f"--clusters must be 'auto' or an integer, got {args.clusters!r}"
+            ) from None
+    runner = None
+    if args.scheduler:
+        from ..distributed import DaskRunner
+
+        runner = DaskRunner.connect(args.scheduler, n_workers=resolve_jobs(args.jobs))
+    try:
+        report = _fit(args, clusters, runner)
+    finally:
+        if runner is not None:
+            runner.close()
     m = report.model
     rates = m.rates.to_json()
     for _, reason in report.errors:
@@ -116,6 +132,14 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--clusters", default="auto", help="'auto' (BIC over 2..--k-max) or a number (default: auto)"
     )
+    p.add_argument(
+        "--max-fit-profiles",
+        type=int,
+        default=DEFAULT_MAX_FIT_PROFILES,
+        metavar="N",
+        help="above N profiles, fit the clusters on a seeded sample of N and then assign every "
+        f"profile (bounded time and memory); 0 = never sample (default: {DEFAULT_MAX_FIT_PROFILES})",
+    )
     p.add_argument("--k-max", type=int, default=10, help="largest cluster count tried by auto (default: 10)")
     p.add_argument(
         "--min-cluster-size",
@@ -127,12 +151,14 @@ def register(sub: Any) -> None:
         "--seed", type=int, default=0, help="random seed; equal seeds give equal models (default: 0)"
     )
     p.add_argument(
-        "--jobs", type=int, default=1, help="parallel profiling processes; -1 = all cores (default: 1)"
+        "--cache-dir",
+        default=None,
+        help="profile cache (default: ~/.cache/cxr-monitor); with --scheduler a Parquet dataset under "
+        "it, at a path or fsspec URL every worker can reach",
     )
-    p.add_argument("--cache-dir", default=None, help="profile cache (default: ~/.cache/cxr-monitor)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the profile cache")
     p.add_argument("--strict", action="store_true", help="abort if any image fails to load")
-    p.add_argument("--progress", action="store_true", help="show a progress bar even when not on a terminal")
+    add_parallel_arguments(p)
     p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
     for flag, what, default in (
         ("--scope-modalities", "(0008,0060) Modality", "CR, DR, DX, RG"),

@@ -23,6 +23,7 @@ __all__ = [
     "print_cluster_table",
     "print_json",
     "print_scope",
+    "read_model_spec",
     "untrusted_note",
 ]
 
@@ -64,6 +65,20 @@ def no_images_message(items: Sequence[str]) -> str:
         f"no image files in {named} (looked for {', '.join(sorted(IMAGE_SUFFIXES))} and DICOM files "
         "without a suffix, recursively)"
     )
+
+
+def read_model_spec(model_dir: str | Path) -> dict[str, Any] | None:
+    """The profile specification in a model directory's ``model.json``, without loading the model.
+
+    Lets worker processes start profiling while the caller imports scikit-learn and loads the
+    model (which verifies the checksums, and whose spec the caller compares with this one).
+    ``None`` when it cannot be read: loading the model then says why.
+    """
+    try:
+        spec = json.loads((Path(model_dir) / "model.json").read_text())["spectrum"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return spec if isinstance(spec, dict) else None
 
 
 def formatter(prog: str) -> argparse.HelpFormatter:

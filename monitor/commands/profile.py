@@ -7,26 +7,28 @@ import sys
 from typing import Any
 
 from ..defaults import EXIT_OK, EXIT_PARTIAL
-from ..errors import MonitorError
+from ..errors import InvalidInputError
 from .output import add_command, expand_paths, print_json
+from .runner import add_parallel_arguments, stream_profiles
 
 __all__ = ["register"]
 
 
 def _run(args: argparse.Namespace) -> int:
-    from ..imaging import load_image
     from ..spectrum import SpectralProfiler
 
     profiler = SpectralProfiler(working_size=args.working_size)
+    paths = [str(p) for p in expand_paths(args.paths)]
+    if not paths:
+        raise InvalidInputError("no image files given")
     status = EXIT_OK
-    for path in expand_paths(args.paths):
-        try:
-            features = profiler.profile_image(load_image(path))
-        except MonitorError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+    for item in stream_profiles(args, paths, profiler.spec(), desc="profiling"):
+        if item.error is not None:
+            print(f"error: {item.error}", file=sys.stderr)
             status = EXIT_PARTIAL
             continue
-        named = dict(zip(profiler.feature_names, (float(v) for v in features), strict=True))
+        path = item.source
+        named = dict(zip(profiler.feature_names, (float(v) for v in item.profile), strict=True))
         if args.json:
             print_json({"image": str(path), "features": named})
         else:
@@ -55,4 +57,5 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--working-size", type=int, default=512, help="working image side in pixels (default: 512)"
     )
+    add_parallel_arguments(p)
     p.set_defaults(func=_run)

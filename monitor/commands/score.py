@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from ..defaults import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, default_model_dir
-from ..errors import InvalidInputError, MonitorError
-from .output import add_command, expand_paths, no_images_message, print_json, untrusted_note
+from ..errors import InvalidInputError
+from .output import add_command, expand_paths, no_images_message, print_json, read_model_spec, untrusted_note
+from .runner import add_parallel_arguments, stream_profiles
 
 __all__ = ["register"]
 
@@ -29,32 +30,45 @@ def _read_scores(path: str) -> dict[str, float]:
         raise InvalidInputError(f"{path}: column 'score' must be numeric ({exc})") from exc
 
 
-def _score_paths(args: argparse.Namespace, on_result: Callable[[Path, Any], None]) -> tuple[Any, list, int]:
-    """Score every image of ``args.paths``; returns the engine, the scored images and an exit status."""
-    from tqdm import tqdm
+def _score_paths(
+    args: argparse.Namespace, on_engine: Callable[[Any], None], on_result: Callable[[Path, Any], None]
+) -> int:
+    """Score every image of ``args.paths``, in input order; returns an exit status.
 
-    from ..batch import default_cache_dir
-    from ..engine import Engine
-
-    engine = Engine.from_directory(args.model, wisdom_path=default_cache_dir() / "fftw-wisdom.txt")
+    Profiles are computed by worker processes (or Dask workers) and scored here with the model;
+    nothing per image is kept, so memory does not grow with the number of images. The workers
+    start first, on the spec read from the model's card, and profile while this process loads
+    the model (importing scikit-learn takes seconds).
+    """
     scores = _read_scores(args.scores) if getattr(args, "scores", None) else {}
-    paths = expand_paths(args.paths)
+    paths = [str(p) for p in expand_paths(args.paths)]
     if not paths:
         raise InvalidInputError(no_images_message(args.paths))
-    scored, status = [], EXIT_OK
-    for path in tqdm(paths, desc="scoring", unit="img", disable=not args.progress, leave=False):
-        s = scores.get(path.name, scores.get(str(path)))
-        try:
-            result = engine.score(path, classifier_score=s)
-        except MonitorError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+    spec = read_model_spec(args.model)
+    stream = stream_profiles(args, paths, spec, desc=args.command) if spec is not None else None
+    engine = _engine(args)
+    if stream is None or engine.model.profiler.spec() != spec:
+        stream = stream_profiles(args, paths, engine.model.profiler.spec(), desc=args.command)
+    on_engine(engine)
+    status, n_scored = EXIT_OK, 0
+    for item in stream:
+        if item.error is not None:
+            print(f"error: {item.error}", file=sys.stderr)
             status = EXIT_PARTIAL
             continue
-        scored.append(result)
-        on_result(path, result)
-    if not scored:  # every input failed: an error, not a partial success (as `client score`)
+        s = scores.get(Path(item.source).name, scores.get(item.source))
+        result = engine.score_profile(item.profile, item.meta, s)
+        on_result(Path(item.source), result)
+        n_scored += 1
+    if not n_scored:  # every input failed: an error, not a partial success (as `client score`)
         status = EXIT_ERROR
-    return engine, scored, status
+    return status
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from ..engine import Engine
+
+    return Engine.from_directory(args.model)
 
 
 def _cmd_score(args: argparse.Namespace) -> int:
@@ -80,15 +94,26 @@ def _cmd_score(args: argparse.Namespace) -> int:
                 )
             print(f"    most deviating: {top}")
 
-    return _score_paths(args, emit)[2]
+    return _score_paths(args, lambda engine: None, emit)
 
 
 def _cmd_drift(args: argparse.Namespace) -> int:
-    engine, scored, status = _score_paths(args, lambda p, s: None)
-    if not scored:
+    # Sufficient statistics only (counts and sums), so a drift test of millions of images
+    # holds no per-image state.
+    state: dict[str, Any] = {}
+
+    def start(engine: Any) -> None:
+        state["engine"], state["window"] = engine, engine.model.new_window()
+
+    def add(path: Path, s: Any) -> None:
+        r = s.result
+        state["window"].add(r.cluster, r.is_novel, r.cluster_failure_probability, s.z_profile, r.scope_field)
+
+    status = _score_paths(args, start, add)
+    if state["window"].n == 0:
         print("error: no image could be scored, so there is no batch to test for drift", file=sys.stderr)
         return status
-    report = engine.batch_drift(scored)
+    report = state["engine"].model.drift(state["window"])
     if args.json:
         print_json(report.to_dict())
     else:
@@ -157,7 +182,7 @@ def register(sub: Any) -> None:
             "--model", default=str(default_model_dir()), metavar="MODEL_DIR", help="model directory"
         )
         p.add_argument("--json", action="store_true", help="machine-readable output")
-        p.add_argument("--progress", action="store_true", help="show a progress bar")
+        add_parallel_arguments(p)
         if name == "score":
             p.add_argument(
                 "--scores", metavar="CSV", help="classifier scores: columns image (file name), score"

@@ -26,7 +26,7 @@ from .render import (
     fmt_rate,
 )
 
-__all__ = ["render_html"]
+__all__ = ["STYLESHEET", "render_html"]
 
 
 # --------------------------------------------------------------------------- HTML
@@ -72,6 +72,10 @@ summary { cursor: pointer; color: #1a56a5; }
 .note { color: var(--muted); font-size: 14px; }
 footer { color: var(--muted); font-size: 13px; margin-top: 40px; }
 """
+
+
+STYLESHEET = _CSS
+"""The reports' CSS, shared by other self-contained pages (the audit timeline)."""
 
 
 def _e(x: Any) -> str:

@@ -1,0 +1,499 @@
+"""Drift audit of an image archive: per group and period, and when each group changed.
+
+The archive is a manifest (one row per image: its path or URL and columns such as
+acquisition date, site, scanner, view). Images are profiled (locally or on Dask, by the
+caller) and scored with a fitted model; only sufficient statistics are kept per
+(group, period) cell, so memory grows with the number of cells, not of images.
+
+Two questions, two tests:
+
+* **Against the reference** (per cell): the model's drift report: cluster-mix drift,
+  novelty drift, estimated failure rate, most shifted features.
+* **Over time** (per group): did the group's images change, and when? A group may differ
+  from the reference from its first period (another hospital is not a change), so each
+  group is compared with *itself*: binary segmentation, where every split of the group's
+  periods into "before" and "after" is tested on three components — cluster mix
+  (chi-square test of homogeneity), novelty rate (Fisher's exact test) and feature means
+  (Welch tests on reference-standardised features, Bonferroni over features) — Bonferroni
+  over components and candidate splits; Benjamini–Hochberg over groups. A change counts
+  only when it is also large enough to matter: PSI of the mix >= the model's ``psi_min``,
+  a novelty-rate difference >= its ``novelty_rate_min``, or a feature mean moving by
+  >= ``min_effect`` pooled standard deviations (0.5: a "medium" standardised effect).
+  Segments on either side are then searched again (at the Bonferroni level over groups).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import date, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+from .defaults import DEFAULT_AUDIT_ALPHA, DEFAULT_AUDIT_MIN_EFFECT, DEFAULT_AUDIT_MIN_SEGMENT_IMAGES
+from .drift import WindowStats, psi
+from .errors import InvalidInputError
+from .model import ReliabilityModel
+from .reliability import benjamini_hochberg
+
+__all__ = [
+    "PERIODS",
+    "AuditResult",
+    "CellStats",
+    "ChangePoint",
+    "ManifestRow",
+    "find_changes",
+    "period_of",
+    "read_manifest",
+    "run_audit",
+]
+
+PERIODS = ("day", "week", "month", "quarter", "year", "all")
+DEFAULT_ALPHA = DEFAULT_AUDIT_ALPHA
+DEFAULT_MIN_EFFECT = DEFAULT_AUDIT_MIN_EFFECT
+DEFAULT_MIN_SEGMENT_IMAGES = DEFAULT_AUDIT_MIN_SEGMENT_IMAGES
+
+
+@dataclass(frozen=True)
+class ManifestRow:
+    """One image of the archive: where it is, its group key and its period."""
+
+    source: str
+    group: tuple[str, ...]
+    period: str
+
+
+def period_of(value: str, period: str) -> str:
+    """The period label of a date (``2024-03-17``, ``2024-03-17T10:22:00``, ``20240317``, ``2024-03``)."""
+    if period == "all":
+        return "all"
+    text = value.strip()
+    d: date | None = None
+    for parse in (
+        lambda t: datetime.fromisoformat(t).date(),
+        lambda t: datetime.strptime(t, "%Y%m%d").date(),
+        lambda t: datetime.strptime(t, "%Y-%m").date(),
+        lambda t: datetime.strptime(t, "%Y/%m/%d").date(),
+    ):
+        try:
+            d = parse(text)
+            break
+        except ValueError:
+            continue
+    if d is None:
+        raise InvalidInputError(f"cannot read the date {value!r} (expected e.g. 2024-03-17 or 20240317)")
+    if period == "day":
+        return d.isoformat()
+    if period == "week":
+        y, w, _ = d.isocalendar()
+        return f"{y}-W{w:02d}"
+    if period == "month":
+        return f"{d.year}-{d.month:02d}"
+    if period == "quarter":
+        return f"{d.year}-Q{(d.month - 1) // 3 + 1}"
+    if period == "year":
+        return str(d.year)
+    raise InvalidInputError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
+
+
+def read_manifest(
+    path: str | os.PathLike,
+    by: list[str],
+    *,
+    period: str = "month",
+    date_column: str = "date",
+    image_column: str = "image",
+) -> list[ManifestRow]:
+    """Rows of a manifest CSV; relative image paths are resolved against its folder.
+
+    Raises
+    ------
+    InvalidInputError
+        Unreadable table, a missing column, an empty value or an unreadable date (the message
+        names the row).
+    """
+    path = Path(path)
+    if period not in PERIODS:
+        raise InvalidInputError(f"period must be one of {', '.join(PERIODS)}, got {period!r}")
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = reader.fieldnames or []
+            needed = [image_column, *by] + ([date_column] if period != "all" else [])
+            missing = [c for c in needed if c not in columns]
+            if missing:
+                raise InvalidInputError(
+                    f"{path}: no column {', '.join(repr(c) for c in missing)} "
+                    f"(columns: {', '.join(columns) or 'none'})"
+                )
+            rows = []
+            for i, r in enumerate(reader, start=2):
+                image = (r.get(image_column) or "").strip()
+                if not image:
+                    raise InvalidInputError(f"{path}: row {i}: empty {image_column!r}")
+                if "://" not in image and not os.path.isabs(image):
+                    image = str(path.parent / image)
+                try:
+                    label = period_of(r.get(date_column) or "", period) if period != "all" else "all"
+                except InvalidInputError as exc:
+                    raise InvalidInputError(f"{path}: row {i}: {exc}") from None
+                group = tuple((r.get(c) or "").strip() or "(blank)" for c in by)
+                rows.append(ManifestRow(image, group, label))
+    except OSError as exc:
+        raise InvalidInputError(f"{path}: cannot read the manifest ({exc.strerror})") from exc
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise InvalidInputError(f"{path}: not a readable CSV ({exc})") from exc
+    if not rows:
+        raise InvalidInputError(f"{path}: the manifest has no rows")
+    return rows
+
+
+@dataclass
+class CellStats:
+    """Sufficient statistics of the scored images of one (group, period) cell (mergeable)."""
+
+    n_clusters: int
+    n_features: int
+    n: int = 0
+    n_novel: int = 0
+    n_errors: int = 0
+    failure_probability_sum: float = 0.0
+    cluster_counts: np.ndarray = field(init=False)
+    z_sum: np.ndarray = field(init=False)
+    z_sumsq: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
+        self.z_sum = np.zeros(self.n_features)
+        self.z_sumsq = np.zeros(self.n_features)
+
+    def add(self, cluster: int, is_novel: bool, failure_probability: float, z: np.ndarray) -> None:
+        self.n += 1
+        self.n_novel += int(is_novel)
+        self.failure_probability_sum += failure_probability
+        self.cluster_counts[cluster] += 1
+        self.z_sum += z
+        self.z_sumsq += z * z
+
+    def merged(self, other: CellStats) -> CellStats:
+        out = CellStats(self.n_clusters, self.n_features)
+        out.n, out.n_novel = self.n + other.n, self.n_novel + other.n_novel
+        out.n_errors = self.n_errors + other.n_errors
+        out.failure_probability_sum = self.failure_probability_sum + other.failure_probability_sum
+        out.cluster_counts = self.cluster_counts + other.cluster_counts
+        out.z_sum, out.z_sumsq = self.z_sum + other.z_sum, self.z_sumsq + other.z_sumsq
+        return out
+
+    def window(self) -> WindowStats:
+        """As the model's drift report wants it."""
+        w = WindowStats(self.n_clusters, self.n_features)
+        w.cluster_counts = self.cluster_counts.copy()
+        w.feature_sum = self.z_sum.copy()
+        w.feature_sumsq = self.z_sumsq.copy()
+        w.n, w.n_novel, w.failure_probability_sum = self.n, self.n_novel, self.failure_probability_sum
+        return w
+
+    def mean(self) -> np.ndarray:
+        return self.z_sum / max(self.n, 1)
+
+    def var(self) -> np.ndarray:
+        if self.n < 2:
+            return np.zeros(self.n_features)
+        return np.maximum(self.z_sumsq - self.z_sum**2 / self.n, 0.0) / (self.n - 1)
+
+
+@dataclass(frozen=True)
+class ChangePoint:
+    """A change in one group: the first period of the new regime and what moved."""
+
+    group: tuple[str, ...]
+    period: str
+    p_value: float  # corrected for components and candidate splits
+    q_value: float  # after Benjamini-Hochberg over groups (top level) or Bonferroni (nested)
+    components: dict[str, dict[str, float]]
+    moved_features: list[tuple[str, float]]
+    n_before: int
+    n_after: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "group": list(self.group),
+            "period": self.period,
+            "p_value": self.p_value,
+            "q_value": self.q_value,
+            "components": self.components,
+            "moved_features": [{"feature": n, "shift_sd": s} for n, s in self.moved_features],
+            "n_before": self.n_before,
+            "n_after": self.n_after,
+        }
+
+
+def _split_test(
+    a: CellStats, b: CellStats, names: tuple[str, ...], psi_min: float, novelty_min: float, min_effect: float
+) -> tuple[float, dict[str, dict[str, float]], list[tuple[str, float]]]:
+    """p-value (Bonferroni over the three components) that ``b`` differs from ``a``; components.
+
+    A component whose effect is below its floor contributes p = 1: significant but negligible
+    changes in large archives are not changes.
+    """
+    comps: dict[str, dict[str, float]] = {}
+    # Cluster mix: chi-square test of homogeneity over the clusters either side uses.
+    table = np.vstack([a.cluster_counts, b.cluster_counts]).astype(float)
+    used = table.sum(axis=0) > 0
+    if used.sum() >= 2:
+        chi2, p_mix, _, _ = stats.chi2_contingency(table[:, used], correction=False)
+    else:
+        p_mix = 1.0
+    mix_psi = psi(b.cluster_counts, a.cluster_counts)
+    comps["cluster_mix"] = {
+        "p": float(p_mix),
+        "psi": float(mix_psi),
+        "before": (a.cluster_counts / a.n).tolist(),
+        "after": (b.cluster_counts / b.n).tolist(),
+        "significant": False,
+    }
+    # Novelty rate: Fisher's exact test (novel images are rare: a normal approximation would
+    # call 3 novel of 25 against 0 of 125 far more significant than it is).
+    pa, pb = a.n_novel / a.n, b.n_novel / b.n
+    table2 = [[a.n_novel, a.n - a.n_novel], [b.n_novel, b.n - b.n_novel]]
+    p_nov = float(stats.fisher_exact(table2)[1]) if a.n_novel + b.n_novel else 1.0
+    comps["novelty"] = {"p": p_nov, "before": pa, "after": pb, "significant": False}
+    # Feature means: Welch tests on reference-standardised features, Bonferroni over features.
+    ma, mb, va, vb = a.mean(), b.mean(), a.var(), b.var()
+    se_f = np.sqrt(va / a.n + vb / b.n) + 1e-12
+    t = (mb - ma) / se_f
+    df = (va / a.n + vb / b.n) ** 2 / (
+        (va / a.n) ** 2 / max(a.n - 1, 1) + (vb / b.n) ** 2 / max(b.n - 1, 1) + 1e-300
+    )
+    p_feat_each = 2 * stats.t.sf(np.abs(t), np.maximum(df, 1.0))
+    pooled_sd = np.sqrt((va + vb) / 2) + 1e-12
+    effect = (mb - ma) / pooled_sd
+    large = np.abs(effect) >= min_effect
+    p_feat = float(min(1.0, p_feat_each[large].min() * len(names))) if large.any() else 1.0
+    j = int(np.argmax(np.where(large, np.abs(t), -np.inf))) if large.any() else int(np.argmax(np.abs(effect)))
+    comps["features"] = {"p": p_feat, "largest_shift_sd": float(effect[j]), "significant": False}
+    if mix_psi < psi_min:
+        p_mix = 1.0
+    if abs(pb - pa) < novelty_min:
+        p_nov = 1.0
+    comps["cluster_mix"]["p"], comps["novelty"]["p"] = float(p_mix), float(p_nov)
+    p = min(1.0, 3 * min(p_mix, p_nov, p_feat))
+    order = np.argsort(-np.abs(effect))
+    moved = [(names[i], float(effect[i])) for i in order[:5] if abs(effect[i]) >= min_effect]
+    return p, comps, moved
+
+
+def _best_split(
+    cells: list[CellStats], periods: list[str], names: tuple[str, ...], thresholds: Any, min_effect: float,
+    min_images: int,
+) -> tuple[float, int, dict[str, dict[str, float]], list[tuple[str, float]]] | None:  # fmt: skip
+    """The most significant before/after split (index of the first "after" period), scan-corrected."""
+    candidates = []
+    for s in range(1, len(cells)):
+        before = _merge(cells[:s])
+        after = _merge(cells[s:])
+        if before.n < min_images or after.n < min_images:
+            continue
+        p, comps, moved = _split_test(
+            before, after, names, thresholds.psi_min, thresholds.novelty_rate_min, min_effect
+        )
+        candidates.append((p, s, comps, moved))
+    if not candidates:
+        return None
+    p, s, comps, moved = min(candidates, key=lambda c: c[0])
+    return min(1.0, p * len(candidates)), s, comps, moved
+
+
+def _merge(cells: list[CellStats]) -> CellStats:
+    out = cells[0]
+    for c in cells[1:]:
+        out = out.merged(c)
+    return out
+
+
+def find_changes(
+    cells: dict[tuple[str, ...], dict[str, CellStats]],
+    names: tuple[str, ...],
+    thresholds: Any,
+    *,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect: float = DEFAULT_MIN_EFFECT,
+    min_segment_images: int = DEFAULT_MIN_SEGMENT_IMAGES,
+) -> list[ChangePoint]:
+    """Change points of every group (see the module docstring), sorted by group then period."""
+    groups = sorted(cells)
+    top = []
+    for g in groups:
+        periods = sorted(cells[g])
+        found = _best_split(
+            [cells[g][t] for t in periods], periods, names, thresholds, min_effect, min_segment_images
+        )
+        top.append(found)
+    qs = benjamini_hochberg([f[0] if f is not None else 1.0 for f in top]).tolist()
+    changes: list[ChangePoint] = []
+    for g, found, q in zip(groups, top, qs, strict=True):
+        if found is None or q >= alpha:
+            continue
+        periods = sorted(cells[g])
+        stack = [(0, len(periods), found, q)]
+        while stack:
+            lo, hi, (p, s, comps, moved), qv = stack.pop()
+            at = lo + s
+            for c in comps.values():
+                c["significant"] = bool(c["p"] * 3 * (hi - lo - 1) < alpha)
+            seg = [cells[g][t] for t in periods]
+            changes.append(
+                ChangePoint(
+                    g,
+                    periods[at],
+                    p,
+                    qv,
+                    comps,
+                    moved,
+                    _merge(seg[lo:at]).n,
+                    _merge(seg[at:hi]).n,
+                )
+            )
+            # Look for further changes on either side, at the Bonferroni level over groups.
+            for a, b in ((lo, at), (at, hi)):
+                if b - a < 2:
+                    continue
+                sub = _best_split(seg[a:b], periods[a:b], names, thresholds, min_effect, min_segment_images)
+                if sub is not None and sub[0] * len(groups) < alpha:
+                    stack.append((a, b, sub, min(1.0, sub[0] * len(groups))))
+    return sorted(changes, key=lambda c: (c.group, c.period))
+
+
+@dataclass
+class AuditResult:
+    """Everything :func:`run_audit` measured; :meth:`to_dict` is the JSON written to disk."""
+
+    by: list[str]
+    period: str
+    model_id: str
+    feature_names: tuple[str, ...]
+    cells: dict[tuple[str, ...], dict[str, CellStats]]
+    reports: dict[tuple[str, ...], dict[str, Any]]
+    changes: list[ChangePoint]
+    n_images: int
+    errors: list[tuple[str, str]]
+    settings: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        groups = []
+        for g in sorted(self.cells):
+            rows = []
+            for t in sorted(self.cells[g]):
+                c = self.cells[g][t]
+                rows.append(
+                    {
+                        "period": t,
+                        "n_images": c.n,
+                        "n_unreadable": c.n_errors,
+                        "novelty_rate": c.n_novel / c.n if c.n else None,
+                        "cluster_mix": (c.cluster_counts / max(c.n, 1)).tolist(),
+                        "feature_mean_sd": c.mean().tolist() if c.n else None,
+                        "drift": self.reports[g][t],
+                    }
+                )
+            groups.append({"group": dict(zip(self.by, g, strict=True)), "periods": rows})
+        return {
+            "by": self.by,
+            "period": self.period,
+            "model_id": self.model_id,
+            "feature_names": list(self.feature_names),
+            "n_images": self.n_images,
+            "n_unreadable": len(self.errors),
+            "unreadable": [{"image": s, "reason": r} for s, r in self.errors],
+            "settings": self.settings,
+            "change_points": [
+                {**c.to_dict(), "group": dict(zip(self.by, c.group, strict=True))} for c in self.changes
+            ],
+            "groups": groups,
+        }
+
+
+def run_audit(
+    rows: list[ManifestRow],
+    profiled: Iterable[Any],
+    model: ReliabilityModel,
+    *,
+    by: list[str],
+    period: str,
+    alpha: float = DEFAULT_ALPHA,
+    min_effect: float = DEFAULT_MIN_EFFECT,
+    min_segment_images: int = DEFAULT_MIN_SEGMENT_IMAGES,
+) -> AuditResult:
+    """Score the profiles of ``rows`` (``profiled``: a ProfiledFile per row, in row order) and audit.
+
+    Parameters
+    ----------
+    profiled : iterable of :class:`~monitor.parallel.ProfiledFile`
+        From :func:`monitor.parallel.profile_stream` or ``DaskRunner.profile_stream`` over
+        ``[r.source for r in rows]``.
+    """
+    k, d = model.n_clusters, len(model.feature_names)
+    cells: dict[tuple[str, ...], dict[str, CellStats]] = {}
+    errors: list[tuple[str, str]] = []
+    n = 0
+    for item in _checked(profiled, rows):
+        row = rows[item.index]
+        cell = cells.setdefault(row.group, {}).setdefault(row.period, CellStats(k, d))
+        if item.error is not None:
+            cell.n_errors += 1
+            errors.append((item.source, item.error))
+            continue
+        prof = np.asarray(item.profile, dtype=np.float64)[None, :]
+        result = model.score(prof)[0]
+        cell.add(
+            result.cluster, result.is_novel, result.cluster_failure_probability, model.standardise(prof)[0]
+        )
+        n += 1
+    reports = {
+        g: {t: model.drift(c.window()).to_dict() if c.n else None for t, c in per.items()}
+        for g, per in cells.items()
+    }
+    scored = {g: {t: c for t, c in per.items() if c.n} for g, per in cells.items()}
+    changes = find_changes(
+        {g: per for g, per in scored.items() if per},
+        model.feature_names,
+        model.drift_thresholds,
+        alpha=alpha,
+        min_effect=min_effect,
+        min_segment_images=min_segment_images,
+    )
+    return AuditResult(
+        by,
+        period,
+        model.model_id,
+        model.feature_names,
+        cells,
+        reports,
+        changes,
+        n,
+        errors,
+        {
+            "alpha": alpha,
+            "min_effect_sd": min_effect,
+            "min_segment_images": min_segment_images,
+            "psi_min": model.drift_thresholds.psi_min,
+            "novelty_rate_min": model.drift_thresholds.novelty_rate_min,
+            "method": "binary segmentation per group; chi-square (mix), Fisher exact (novelty), "
+            "Welch t with Bonferroni over features; Bonferroni over components and splits; "
+            "Benjamini-Hochberg over groups",
+        },
+    )
+
+
+def _checked(profiled: Iterable[Any], rows: list[ManifestRow]) -> Iterator[Any]:
+    count = 0
+    for item in profiled:
+        count += 1
+        yield item
+    if count != len(rows):
+        raise InvalidInputError(f"got {count} profiles for {len(rows)} manifest rows")

@@ -1,0 +1,158 @@
+"""The archive audit: period labels, the change-point method on known statistics, and the whole
+command on a synthetic archive built from NIH images with one injected change."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from monitor.audit import CellStats, find_changes, period_of, read_manifest
+from monitor.drift import DEFAULT_THRESHOLDS
+from monitor.errors import InvalidInputError
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.audit_demo import build_archive  # noqa: E402
+
+NAMES = tuple(f"f{i}" for i in range(8))
+
+
+@pytest.mark.parametrize(
+    "value, period, label",
+    [
+        ("2024-03-17", "month", "2024-03"),
+        ("2024-03-17T10:22:00", "day", "2024-03-17"),
+        ("20240317", "quarter", "2024-Q1"),
+        ("2024-12-30", "week", "2025-W01"),
+        ("2024-03", "year", "2024"),
+        ("whenever", "all", "all"),
+    ],
+)
+def test_period_labels(value: str, period: str, label: str) -> None:
+    assert period_of(value, period) == label
+
+
+def test_bad_date_and_missing_column_name_the_row_and_column(tmp_path: Path) -> None:
+    m = tmp_path / "m.csv"
+    m.write_text("image,date,site\na.png,2024-01-02,A\nb.png,yesterday,B\n")
+    with pytest.raises(InvalidInputError, match="row 3.*yesterday"):
+        read_manifest(m, ["site"])
+    with pytest.raises(InvalidInputError, match="'scanner'"):
+        read_manifest(m, ["scanner"])
+    rows = read_manifest(m, ["site"], period="all")
+    assert rows[0].source == str(tmp_path / "a.png") and rows[1].group == ("B",)
+
+
+def _cells(rng: np.random.Generator, n: int, shift: float = 0.0, mix=(0.5, 0.3, 0.2)) -> CellStats:
+    c = CellStats(3, len(NAMES))
+    for _ in range(n):
+        z = rng.normal(size=len(NAMES))
+        z[2] += shift
+        c.add(int(rng.choice(3, p=mix)), bool(rng.random() < 0.01), 0.3, z)
+    return c
+
+
+def _archive(seed: int, change: tuple[str, int, float] | None, groups: int = 8, periods: int = 6):
+    rng = np.random.default_rng(seed)
+    cells = {}
+    for g in range(groups):
+        name = (f"site{g}",)
+        # Sites differ from each other (and from the reference) from the start: not a change.
+        offset = rng.normal() * 2
+        cells[name] = {}
+        for t in range(periods):
+            moved = change is not None and name[0] == change[0] and t >= change[1]
+            cells[name][f"2025-{t + 1:02d}"] = _cells(rng, 25, offset + (change[2] if moved else 0.0))
+    return cells
+
+
+def test_the_injected_change_is_found_at_its_group_and_period_only() -> None:
+    changes = find_changes(_archive(0, ("site3", 4, 1.0)), NAMES, DEFAULT_THRESHOLDS)
+    assert [(c.group, c.period) for c in changes] == [(("site3",), "2025-05")]
+    assert changes[0].moved_features[0][0] == "f2" and changes[0].moved_features[0][1] > 0.5
+    assert changes[0].components["features"]["significant"]
+
+
+def test_no_change_no_change_point_over_many_null_archives() -> None:
+    """Null archives (sites differ from each other but never change): no false change point."""
+    flagged = sum(len(find_changes(_archive(seed, None), NAMES, DEFAULT_THRESHOLDS)) for seed in range(20))
+    assert flagged == 0
+
+
+def test_a_mix_change_is_found_as_a_mix_change() -> None:
+    rng = np.random.default_rng(5)
+    cells = {("A",): {}, ("B",): {}}
+    for t in range(6):
+        cells[("A",)][f"p{t}"] = _cells(rng, 40)
+        cells[("B",)][f"p{t}"] = _cells(rng, 40, mix=(0.5, 0.3, 0.2) if t < 2 else (0.2, 0.3, 0.5))
+    (change,) = find_changes(cells, NAMES, DEFAULT_THRESHOLDS)
+    assert change.group == ("B",) and change.period == "p2"
+    assert change.components["cluster_mix"]["significant"]
+    assert not change.components["features"]["significant"]
+
+
+# --------------------------------------------------------------------------- end to end on real images
+
+
+@pytest.fixture(scope="module")
+def archive(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 sites x 4 months x 10 NIH images; site B resampled (factor 2) from 2025-03."""
+    return build_archive(
+        data_dir,
+        tmp_path_factory.mktemp("archive"),
+        sites=3,
+        months=4,
+        site="B",
+        month=3,
+        shift=("resample", "mild"),
+        seed=7,
+        per_cell=10,
+    )
+
+
+def _audit_argv(archive: Path, out: Path) -> list[str]:
+    return ["audit", "--manifest", str(archive), "--by", "site", "--out", str(out), "--json"]
+
+
+@pytest.fixture(scope="module")
+def local_audit(archive: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, Path]:
+    from monitor.cli import main
+
+    out = tmp_path_factory.mktemp("audit")
+    return main([*_audit_argv(archive, out), "--jobs", "2"]), out
+
+
+def test_audit_names_the_site_and_month_of_the_injected_change_and_nothing_else(local_audit) -> None:
+    code, out = local_audit
+    assert code == 0
+    audit = json.loads((out / "audit.json").read_text())
+    assert audit["n_images"] == 120 and len(audit["groups"]) == 3
+    assert [(c["group"], c["period"]) for c in audit["change_points"]] == [({"site": "B"}, "2025-03")]
+    (change,) = audit["change_points"]
+    assert change["n_before"] == 20 and change["n_after"] == 20
+    assert change["moved_features"], "the features that moved are named"
+    site_b = next(g for g in audit["groups"] if g["group"] == {"site": "B"})
+    assert [p["period"] for p in site_b["periods"]] == ["2025-01", "2025-02", "2025-03", "2025-04"]
+    assert all(p["n_images"] == 10 and len(p["cluster_mix"]) == 3 for p in site_b["periods"])
+    page = (out / "audit.html").read_text()
+    assert page.startswith("<!doctype html>") and "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page  # self-contained: nothing fetched
+    assert "site B" in page and "2025-03" in page
+
+
+def test_audit_on_a_local_dask_cluster_writes_the_same_audit(
+    archive: Path, local_audit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("distributed")
+    from monitor.cli import main
+
+    _, out = local_audit
+    assert main([*_audit_argv(archive, tmp_path), "--scheduler", "local", "--jobs", "2"]) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert [c["period"] for c in summary["change_points"]] == ["2025-03"]
+    assert json.loads((tmp_path / "audit.json").read_text()) == json.loads((out / "audit.json").read_text())
