@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from .allocator import reuse_freed_memory
 from .defaults import DEFAULT_MAX_PIXELS
 from .errors import MonitorError
 from .imaging import load_image
@@ -67,6 +68,7 @@ def _init_worker(spec: dict[str, Any], max_pixels: int) -> None:
 
     # Parallelism comes from processes: BLAS threads inside each would contend for the same cores.
     threadpool_limits(limits=1)
+    reuse_freed_memory()
     _WORKER["profiler"] = SpectralProfiler.from_spec(spec)
     _WORKER["max_pixels"] = max_pixels
 
@@ -146,6 +148,7 @@ def profile_stream(
 def _serial(
     sources: Iterable[str | os.PathLike], spec: dict[str, Any], max_pixels: int
 ) -> Iterator[ProfiledFile]:
+    reuse_freed_memory()
     profiler = SpectralProfiler.from_spec(spec)
     for i, s in enumerate(sources):
         yield _profile_one(i, str(s), profiler, max_pixels)

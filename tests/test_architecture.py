@@ -27,6 +27,7 @@ CORE = (
     "fitting",
     "decoding",
     "defaults",
+    "allocator",
     "engine",
     "store",
     "refit",
