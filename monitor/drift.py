@@ -16,6 +16,7 @@ from scipy import stats
 from scipy.spatial.distance import jensenshannon
 
 from .errors import InvalidInputError
+from .reliability import benjamini_hochberg
 from .types import DriftReport, FeatureDrift
 
 __all__ = [
@@ -23,7 +24,6 @@ __all__ = [
     "DriftThresholds",
     "SlidingWindow",
     "WindowStats",
-    "benjamini_hochberg",
     "drift_report",
     "feature_drift",
     "psi",
@@ -137,20 +137,6 @@ class WindowStats:
                 self.out_of_scope_counts[out_of_scope] = left
             else:
                 self.out_of_scope_counts.pop(out_of_scope, None)
-
-
-def benjamini_hochberg(p_values: Any) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (q-values), in the input order."""
-    p = np.asarray(p_values, dtype=np.float64)
-    m = p.size
-    if m == 0:
-        return p.copy()
-    order = np.argsort(p)
-    ranked = p[order] * m / np.arange(1, m + 1)
-    q = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(m)
-    out[order] = np.minimum(q, 1.0)
-    return out
 
 
 def feature_drift(

@@ -12,11 +12,11 @@ from monitor.drift import (
     DriftThresholds,
     SlidingWindow,
     WindowStats,
-    benjamini_hochberg,
     drift_report,
     psi,
 )
 from monitor.errors import InvalidInputError
+from monitor.reliability import benjamini_hochberg
 
 NAMES = ("f0", "f1", "f2", "f3")
 MIX = np.array([0.45, 0.3, 0.15, 0.07, 0.03])
