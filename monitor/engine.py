@@ -26,7 +26,7 @@ from .scope import ScopeRules
 from .spectrum import SpectralProfiler
 from .types import DriftReport, ImageMeta, LoadedImage, ScoredImage
 
-__all__ = ["BYTES_PER_PIXEL", "Engine", "Source"]
+__all__ = ["BYTES_PER_PIXEL", "Engine", "Source", "encoded_memory_cost"]
 
 BYTES_PER_PIXEL = 12
 """Peak bytes per pixel of decoding and profiling one image (measured 7-10, see memory_estimate)."""
@@ -207,9 +207,7 @@ class Engine:
         size = imaging.peek_size(bytes(source), kind)
         if size is None:
             return 2 * len(source), 0
-        rows, columns, samples = size
-        # Colour channels add the decoder's buffer and an array per channel before the grey check.
-        return 2 * len(source), rows * columns * (BYTES_PER_PIXEL + 2 * (samples - 1))
+        return encoded_memory_cost(len(source), *size)
 
     def profile(self, source: Source, *, kind: str | None = None, name: str | None = None) -> np.ndarray:
         """The profile of one image, shape (n_features,), in the order of :attr:`feature_names`."""
@@ -275,3 +273,10 @@ class Engine:
 def _check_deadline(deadline: float | None, name: str | None, step: str) -> None:
     if deadline is not None and time.monotonic() >= deadline:
         raise DeadlineExceededError(f"{name or 'image'}: deadline exceeded before {step}")
+
+
+def encoded_memory_cost(n_bytes: int, rows: int, columns: int, samples: int = 1) -> tuple[int, int]:
+    """(held, decode) bytes of an encoded image of ``n_bytes`` whose header announces
+    ``rows`` x ``columns`` x ``samples`` (see :meth:`Engine.memory_estimate`)."""
+    # Colour channels add the decoder's buffer and an array per channel before the grey check.
+    return 2 * n_bytes, rows * columns * (BYTES_PER_PIXEL + 2 * (samples - 1))

@@ -62,7 +62,7 @@ from pynetdicom.sop_class import (
 
 from .. import imaging
 from ..decoding import DecoderCrashedError, DecodeTimeoutError
-from ..engine import Engine
+from ..engine import Engine, encoded_memory_cost
 from ..errors import (
     ImageTooLargeError,
     InvalidInputError,
@@ -349,11 +349,12 @@ class DicomNode:
         self._metrics.observe_input(len(data))
         self._handler.trimmer.note(len(data))  # pynetdicom buffered it: large instances fragment the heap
         try:
-            imaging.read_dicom_header(data, name=f"instance {uid}", max_pixels=engine.max_pixels)
+            meta = imaging.read_dicom_header(data, name=f"instance {uid}", max_pixels=engine.max_pixels)
         except InvalidInputError as exc:
             return _failure_reason(exc), _reason_text(exc, uid)
-        # The same admission as a gRPC request (count and memory; a router has no deadline to judge).
-        held, decode = engine.memory_estimate(data, kind="dicom")
+        # The same admission as a gRPC request (count and memory; a router has no deadline to judge),
+        # costed from the header just read (a grey radiograph: one sample per pixel).
+        held, decode = encoded_memory_cost(len(data), meta.rows, meta.columns)
         try:
             admitted = self._handler.admission.admit(held, decode, None, f"instance {uid}")
         except OverloadedError as exc:
