@@ -12,11 +12,21 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+from typing import Any
 
-__all__ = ["reuse_freed_memory"]
+__all__ = ["glibc_function", "reuse_freed_memory"]
 
 _M_TRIM_THRESHOLD = -1  # glibc mallopt parameters (malloc.h)
 _M_MMAP_THRESHOLD = -3
+
+
+def glibc_function(name: str) -> Any | None:
+    """``name`` from the C library when it is glibc's (``malloc_trim``, ``mallopt``), else None."""
+    path = ctypes.util.find_library("c")
+    try:
+        return getattr(ctypes.CDLL(path), name) if path else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS): the allocator is left as it is
+        return None
 
 
 def reuse_freed_memory(mmap_threshold: int = 256 * 2**20, trim_threshold: int = 512 * 2**20) -> bool:
@@ -25,11 +35,7 @@ def reuse_freed_memory(mmap_threshold: int = 256 * 2**20, trim_threshold: int = 
 
     Memory in use is unchanged; the process keeps at most ``trim_threshold`` freed bytes.
     """
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        return False
+    mallopt = glibc_function("mallopt")
     if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(

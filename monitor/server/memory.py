@@ -9,23 +9,15 @@ request waits for it. Elsewhere than glibc it does nothing.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import logging
 import threading
 import time
 
+from ..allocator import glibc_function
+
 __all__ = ["MemoryTrimmer"]
 
 log = logging.getLogger("cxr_monitor.server")
-
-
-def _malloc_trim() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
-    name = ctypes.util.find_library("c")
-    try:
-        return ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
-        return None
 
 
 class MemoryTrimmer:
@@ -46,7 +38,7 @@ class MemoryTrimmer:
         self.delay = delay
         self.min_interval = min_interval
         self.trims = 0
-        self._trim = _malloc_trim()
+        self._trim = glibc_function("malloc_trim")
         self._lock = threading.Lock()
         self._pending = 0
         self._last = 0.0
