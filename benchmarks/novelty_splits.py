@@ -477,6 +477,16 @@ def best_calibrated(row: dict) -> str:
     return max(ok, key=lambda m: (row[m]["other_flagged"], row[m]["tpr_at_2pct_fpr"]))
 
 
+def _method_table(
+    title: str, results: list[dict], methods: list[str], cell: Callable[[dict], str]
+) -> list[str]:
+    """A markdown section: one row per split, one ``cell(row[method])`` per method."""
+    L = ["", f"## {title}", "", "| split | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    for r in results:
+        L.append(f"| {r['split']} | " + " | ".join(cell(r[m]) if m in r else "n/a" for m in methods) + " |")
+    return L
+
+
 def write_markdown(path: Path, meta: dict, results: list[dict], context: dict) -> None:
     pct = lambda x: f"{100 * x:.0f}%"  # noqa: E731
     methods = [m for m in meta["methods"]]
@@ -526,31 +536,18 @@ def write_markdown(path: Path, meta: dict, results: list[dict], context: dict) -
             f"{top}: {pct(r[top]['tpr_at_2pct_fpr'])} | {grp} | "
             f"{pct(r['windows']['held_out_windows_flagged'])} / {pct(r['windows']['other_windows_flagged'])} |"
         )
-    L += [
-        "",
-        "## Every score: held-out / other flagged at the calibrated threshold",
-        "",
-        "| split | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for r in results:
-        cells = [
-            f"{pct(r[m]['held_out_flagged'])} / {pct(r[m]['other_flagged'])}" if m in r else "n/a"
-            for m in methods
-        ]
-        L.append(f"| {r['split']} | " + " | ".join(cells) + " |")
-    L += [
-        "",
-        "## Every score: AUROC / TPR at 2% FPR (threshold on the held-out scores)",
-        "",
-        "| split | " + " | ".join(methods) + " |",
-        "|---|" + "---|" * len(methods),
-    ]
-    for r in results:
-        cells = [
-            f"{r[m]['auroc']:.2f} / {pct(r[m]['tpr_at_2pct_fpr'])}" if m in r else "n/a" for m in methods
-        ]
-        L.append(f"| {r['split']} | " + " | ".join(cells) + " |")
+    L += _method_table(
+        "Every score: held-out / other flagged at the calibrated threshold",
+        results,
+        methods,
+        lambda c: f"{pct(c['held_out_flagged'])} / {pct(c['other_flagged'])}",
+    )
+    L += _method_table(
+        "Every score: AUROC / TPR at 2% FPR (threshold on the held-out scores)",
+        results,
+        methods,
+        lambda c: f"{c['auroc']:.2f} / {pct(c['tpr_at_2pct_fpr'])}",
+    )
     tail = context["reference_tail"]
     L += [
         "",
