@@ -149,3 +149,77 @@ def test_cli_help_and_local_runs_never_import_dask() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert out.stdout.strip() == "[]", out.stdout
+
+
+BENCHMARKS = Path(__file__).parents[1] / "benchmarks"
+
+
+def _root(node: ast.expr) -> ast.expr:
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def private_uses(source: str) -> list[str]:
+    """Where ``source`` uses a private (``_``-prefixed) name of ``monitor``.
+
+    Flags ``from monitor... import _x``, and ``a._x`` / ``getattr(a, "_x")`` unless ``a`` is the
+    script's own object (``self``, ``cls``) or a module it imported from outside ``monitor``:
+    a benchmark cannot tell a profiler from another object statically, and it needs no private
+    attribute of its own helpers' instances either.
+    """
+    tree = ast.parse(source)
+    foreign: set[str] = {"self", "cls"}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.split(".")[0] != "monitor":
+                    foreign.add(a.asname or a.name.split(".")[0])
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            top = (node.module or "").split(".")[0]
+            for a in node.names:
+                if top == "monitor" and _private(a.name):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+                elif top != "monitor" and top != "benchmarks":
+                    foreign.add(a.asname or a.name)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and _private(node.attr):
+            attr, base = node.attr, node.value
+        elif (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id in ("getattr", "setattr", "hasattr")
+            and len(node.args) >= 2
+            and isinstance(node.args[1], ast.Constant)
+            and isinstance(node.args[1].value, str)
+            and _private(node.args[1].value)
+        ):
+            attr, base = node.args[1].value, node.args[0]
+        else:
+            continue
+        root = _root(base)
+        if not (isinstance(root, ast.Name) and root.id in foreign):
+            found.append(f"line {node.lineno}: {ast.unparse(base)}.{attr}")
+    return found
+
+
+def test_private_use_check_sees_imports_attributes_and_getattr() -> None:
+    bad = (
+        "from monitor import spectrum\nfrom monitor.spectrum import _plan, SpectralProfiler\n"
+        "p = SpectralProfiler()\np._working_image(x)\nspectrum._blockiness(x)\n"
+        "getattr(p, '_bins')\nSpectralProfiler()._features(1)\n"
+    )
+    assert len(private_uses(bad)) == 5
+    fine = "import os, threading\nos._exit(0)\nthreading._shutdown\nself._drain()\np.profile_timed(x)\n"
+    assert private_uses(fine) == []
+
+
+@pytest.mark.parametrize("path", sorted(BENCHMARKS.rglob("*.py")), ids=lambda p: p.name)
+def test_benchmarks_use_only_the_public_api(path: Path) -> None:
+    """Benchmarks measure what a user can call: no private function or attribute of the package."""
+    assert private_uses(path.read_text()) == [], f"{path.name} uses private names of monitor"

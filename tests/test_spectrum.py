@@ -14,8 +14,10 @@ from monitor.spectrum import (
     DEFAULT_N_BANDS,
     DEFAULT_WORKING_SIZE,
     INTENSITY_FEATURES,
+    PROFILE_STAGES,
     SPEC_VERSION,
     SpectralProfiler,
+    StageTimes,
     full_scale,
     load_wisdom,
     save_wisdom,
@@ -472,3 +474,31 @@ def test_profile_image_takes_the_bit_depth_from_the_header(small: SpectralProfil
     meta = ImageMeta(source="t", format="array", rows=128, columns=128, bits_stored=12)
     np.testing.assert_array_equal(small.profile_image(LoadedImage(x, meta)), small.profile(x, 12))
     assert not np.array_equal(small.profile(x, 12), small.profile(x, 8))
+
+
+# --------------------------------------------------------------------------- stage timings
+
+
+def test_timed_profile_is_bit_identical_to_the_untimed_one(
+    profiler: SpectralProfiler, nih_pixels: list[np.ndarray], data_dir: Path
+) -> None:
+    """profile_timed shares profile's code path: the same bits, for v2 and the spectral part alone."""
+    dicom = load_image(data_dir / "dicom" / "cxr_pa_cr_philips_j2k.dcm")
+    cases = [(p, None) for p in nih_pixels[:2]] + [(dicom.pixels, dicom.meta.bits_stored)]
+    cases.append((np.random.default_rng(3).random((300, 200)).astype(np.float32), None))  # enlarged
+    for pixels, bits in cases:
+        features, times = profiler.profile_timed(pixels, bits)
+        assert features.tobytes() == profiler.profile(pixels, bits).tobytes()
+        spectral, spectral_times = profiler.profile_timed(pixels, spectral_only=True)
+        assert spectral.tobytes() == profiler.spectral_profile(pixels).tobytes()
+        assert isinstance(times, StageTimes) and list(times.to_dict()) == list(PROFILE_STAGES)
+        assert all(v >= 0 for v in times.to_dict().values()) and times.total > 0
+        assert spectral_times.intensity == 0.0  # not run
+        assert times.total == pytest.approx(sum(times.to_dict().values()))
+
+
+def test_timed_profile_validates_like_the_untimed_one(small: SpectralProfiler) -> None:
+    with pytest.raises(InvalidImageError, match="constant"):
+        small.profile_timed(np.zeros((64, 64)))
+    with pytest.raises(InvalidImageError, match="2-D"):
+        small.profile_timed(np.zeros((8, 8)))
