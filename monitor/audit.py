@@ -8,18 +8,26 @@ caller) and scored with a fitted model; only sufficient statistics are kept per
 Two questions, two tests:
 
 * **Against the reference** (per cell): the model's drift report: cluster-mix drift,
-  novelty drift, estimated failure rate, most shifted features.
+  novelty drift, intensity drift, out-of-scope drift, estimated failure rate, most shifted
+  features.
 * **Over time** (per group): did the group's images change, and when? A group may differ
   from the reference from its first period (another hospital is not a change), so each
   group is compared with *itself*: binary segmentation, where every split of the group's
-  periods into "before" and "after" is tested on three components — cluster mix
-  (chi-square test of homogeneity), novelty rate (Fisher's exact test) and feature means
-  (Welch tests on reference-standardised features, Bonferroni over features) — Bonferroni
-  over components and candidate splits; Benjamini–Hochberg over groups. A change counts
-  only when it is also large enough to matter: PSI of the mix >= the model's ``psi_min``,
-  a novelty-rate difference >= its ``novelty_rate_min``, or a feature mean moving by
-  >= ``min_effect`` pooled standard deviations (0.5: a "medium" standardised effect).
-  Segments on either side are then searched again (at the Bonferroni level over groups).
+  periods into "before" and "after" is tested on four components — cluster mix
+  (chi-square test of homogeneity), novelty rate (Fisher's exact test), out-of-scope rate
+  (Fisher's exact test) and feature means, spectral and intensity (Welch tests on
+  reference-standardised features, Bonferroni over features) — Bonferroni over components
+  and candidate splits; Benjamini–Hochberg over groups. A change counts only when it is
+  also large enough to matter: PSI of the mix >= the model's ``psi_min``, a novelty-rate
+  difference >= its ``novelty_rate_min``, an out-of-scope-rate difference >= its
+  ``out_of_scope_rate_min``, or a feature mean moving by >= ``min_effect`` pooled standard
+  deviations (0.5: a "medium" standardised effect). Segments on either side are then
+  searched again (at the Bonferroni level over groups).
+
+Images whose DICOM header puts them out of the model's scope (:mod:`monitor.scope`) are
+counted per cell and by the header field that failed. As in the drift report
+(:func:`monitor.drift.drift_report`), they still count in the other components' statistics
+(they are part of what the archive holds); the out-of-scope component says how many there are.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from .drift import WindowStats, psi
 from .errors import InvalidInputError
 from .model import ReliabilityModel
 from .reliability import benjamini_hochberg
+from .scope import ScopeRules
 
 __all__ = [
     "PERIODS",
@@ -163,6 +172,8 @@ class CellStats:
     n_novel: int = 0
     n_errors: int = 0
     failure_probability_sum: float = 0.0
+    # Out-of-scope images by the first header field that failed (see monitor.scope).
+    out_of_scope_counts: dict[str, int] = field(default_factory=dict)
     cluster_counts: np.ndarray = field(init=False)
     z_sum: np.ndarray = field(init=False)
     z_sumsq: np.ndarray = field(init=False)
@@ -172,13 +183,22 @@ class CellStats:
         self.z_sum = np.zeros(self.n_features)
         self.z_sumsq = np.zeros(self.n_features)
 
-    def add(self, cluster: int, is_novel: bool, failure_probability: float, z: np.ndarray) -> None:
+    @property
+    def n_out_of_scope(self) -> int:
+        return sum(self.out_of_scope_counts.values())
+
+    def add(
+        self, cluster: int, is_novel: bool, failure_probability: float, z: np.ndarray, out_of_scope: str = ""
+    ) -> None:
+        """Add one scored image (``out_of_scope``: the header field that put it out of scope, or "")."""
         self.n += 1
         self.n_novel += int(is_novel)
         self.failure_probability_sum += failure_probability
         self.cluster_counts[cluster] += 1
         self.z_sum += z
         self.z_sumsq += z * z
+        if out_of_scope:
+            self.out_of_scope_counts[out_of_scope] = self.out_of_scope_counts.get(out_of_scope, 0) + 1
 
     def merged(self, other: CellStats) -> CellStats:
         out = CellStats(self.n_clusters, self.n_features)
@@ -187,6 +207,10 @@ class CellStats:
         out.failure_probability_sum = self.failure_probability_sum + other.failure_probability_sum
         out.cluster_counts = self.cluster_counts + other.cluster_counts
         out.z_sum, out.z_sumsq = self.z_sum + other.z_sum, self.z_sumsq + other.z_sumsq
+        out.out_of_scope_counts = {
+            k: self.out_of_scope_counts.get(k, 0) + other.out_of_scope_counts.get(k, 0)
+            for k in sorted(set(self.out_of_scope_counts) | set(other.out_of_scope_counts))
+        }
         return out
 
     def window(self) -> WindowStats:
@@ -196,6 +220,7 @@ class CellStats:
         w.feature_sum = self.z_sum.copy()
         w.feature_sumsq = self.z_sumsq.copy()
         w.n, w.n_novel, w.failure_probability_sum = self.n, self.n_novel, self.failure_probability_sum
+        w.out_of_scope_counts = dict(self.out_of_scope_counts)
         return w
 
     def mean(self) -> np.ndarray:
@@ -234,9 +259,9 @@ class ChangePoint:
 
 
 def _split_test(
-    a: CellStats, b: CellStats, names: tuple[str, ...], psi_min: float, novelty_min: float, min_effect: float
+    a: CellStats, b: CellStats, names: tuple[str, ...], thresholds: Any, min_effect: float
 ) -> tuple[float, dict[str, dict[str, float]], list[tuple[str, float]]]:
-    """p-value (Bonferroni over the three components) that ``b`` differs from ``a``; components.
+    """p-value (Bonferroni over the four components) that ``b`` differs from ``a``; components.
 
     A component whose effect is below its floor contributes p = 1: significant but negligible
     changes in large archives are not changes.
@@ -263,6 +288,11 @@ def _split_test(
     table2 = [[a.n_novel, a.n - a.n_novel], [b.n_novel, b.n - b.n_novel]]
     p_nov = float(stats.fisher_exact(table2)[1]) if a.n_novel + b.n_novel else 1.0
     comps["novelty"] = {"p": p_nov, "before": pa, "after": pb, "significant": False}
+    # Out-of-scope rate: Fisher's exact test, as for novelty (the reference holds none).
+    oa, ob = a.n_out_of_scope / a.n, b.n_out_of_scope / b.n
+    table3 = [[a.n_out_of_scope, a.n - a.n_out_of_scope], [b.n_out_of_scope, b.n - b.n_out_of_scope]]
+    p_oos = float(stats.fisher_exact(table3)[1]) if a.n_out_of_scope + b.n_out_of_scope else 1.0
+    comps["out_of_scope"] = {"p": p_oos, "before": oa, "after": ob, "significant": False}
     # Feature means: Welch tests on reference-standardised features, Bonferroni over features.
     ma, mb, va, vb = a.mean(), b.mean(), a.var(), b.var()
     se_f = np.sqrt(va / a.n + vb / b.n) + 1e-12
@@ -277,12 +307,15 @@ def _split_test(
     p_feat = float(min(1.0, p_feat_each[large].min() * len(names))) if large.any() else 1.0
     j = int(np.argmax(np.where(large, np.abs(t), -np.inf))) if large.any() else int(np.argmax(np.abs(effect)))
     comps["features"] = {"p": p_feat, "largest_shift_sd": float(effect[j]), "significant": False}
-    if mix_psi < psi_min:
+    if mix_psi < thresholds.psi_min:
         p_mix = 1.0
-    if abs(pb - pa) < novelty_min:
+    if abs(pb - pa) < thresholds.novelty_rate_min:
         p_nov = 1.0
+    if abs(ob - oa) < thresholds.out_of_scope_rate_min:
+        p_oos = 1.0
     comps["cluster_mix"]["p"], comps["novelty"]["p"] = float(p_mix), float(p_nov)
-    p = min(1.0, 3 * min(p_mix, p_nov, p_feat))
+    comps["out_of_scope"]["p"] = float(p_oos)
+    p = min(1.0, len(comps) * min(p_mix, p_nov, p_oos, p_feat))
     order = np.argsort(-np.abs(effect))
     moved = [(names[i], float(effect[i])) for i in order[:5] if abs(effect[i]) >= min_effect]
     return p, comps, moved
@@ -299,9 +332,7 @@ def _best_split(
         after = _merge(cells[s:])
         if before.n < min_images or after.n < min_images:
             continue
-        p, comps, moved = _split_test(
-            before, after, names, thresholds.psi_min, thresholds.novelty_rate_min, min_effect
-        )
+        p, comps, moved = _split_test(before, after, names, thresholds, min_effect)
         candidates.append((p, s, comps, moved))
     if not candidates:
         return None
@@ -345,7 +376,7 @@ def find_changes(
             lo, hi, (p, s, comps, moved), qv = stack.pop()
             at = lo + s
             for c in comps.values():
-                c["significant"] = bool(c["p"] * 3 * (hi - lo - 1) < alpha)
+                c["significant"] = bool(c["p"] * len(comps) * (hi - lo - 1) < alpha)
             seg = [cells[g][t] for t in periods]
             changes.append(
                 ChangePoint(
@@ -383,6 +414,7 @@ class AuditResult:
     n_images: int
     errors: list[tuple[str, str]]
     settings: dict[str, Any]
+    scope: dict[str, Any] = field(default_factory=dict)  # ScopeRules.to_json() of the rules applied
 
     def to_dict(self) -> dict[str, Any]:
         groups = []
@@ -395,6 +427,9 @@ class AuditResult:
                         "period": t,
                         "n_images": c.n,
                         "n_unreadable": c.n_errors,
+                        "n_out_of_scope": c.n_out_of_scope,
+                        "out_of_scope_counts": dict(sorted(c.out_of_scope_counts.items())),
+                        "out_of_scope_rate": c.n_out_of_scope / c.n if c.n else None,
                         "novelty_rate": c.n_novel / c.n if c.n else None,
                         "cluster_mix": (c.cluster_counts / max(c.n, 1)).tolist(),
                         "feature_mean_sd": c.mean().tolist() if c.n else None,
@@ -409,6 +444,8 @@ class AuditResult:
             "feature_names": list(self.feature_names),
             "n_images": self.n_images,
             "n_unreadable": len(self.errors),
+            "n_out_of_scope": sum(c.n_out_of_scope for per in self.cells.values() for c in per.values()),
+            "scope": self.scope,
             "unreadable": [{"image": s, "reason": r} for s, r in self.errors],
             "settings": self.settings,
             "change_points": [
@@ -428,6 +465,7 @@ def run_audit(
     alpha: float = DEFAULT_ALPHA,
     min_effect: float = DEFAULT_MIN_EFFECT,
     min_segment_images: int = DEFAULT_MIN_SEGMENT_IMAGES,
+    scope: ScopeRules | None = None,
 ) -> AuditResult:
     """Score the profiles of ``rows`` (``profiled``: a ProfiledFile per row, in row order) and audit.
 
@@ -436,7 +474,10 @@ def run_audit(
     profiled : iterable of :class:`~monitor.parallel.ProfiledFile`
         From :func:`monitor.parallel.profile_stream` or ``DaskRunner.profile_stream`` over
         ``[r.source for r in rows]``.
+    scope : ScopeRules, optional
+        Header allow-lists each image is checked against; default: the model's.
     """
+    scope = model.scope if scope is None else scope
     k, d = model.n_clusters, len(model.feature_names)
     cells: dict[tuple[str, ...], dict[str, CellStats]] = {}
     errors: list[tuple[str, str]] = []
@@ -449,9 +490,14 @@ def run_audit(
             errors.append((item.source, item.error))
             continue
         prof = np.asarray(item.profile, dtype=np.float64)[None, :]
-        result = model.score(prof)[0]
+        reasons = scope.check(item.meta) if item.meta is not None else ()
+        result = model.score(prof, scope_reasons=[reasons])[0]
         cell.add(
-            result.cluster, result.is_novel, result.cluster_failure_probability, model.standardise(prof)[0]
+            result.cluster,
+            result.is_novel,
+            result.cluster_failure_probability,
+            model.standardise(prof)[0],
+            result.scope_field,
         )
         n += 1
     reports = {
@@ -483,10 +529,12 @@ def run_audit(
             "min_segment_images": min_segment_images,
             "psi_min": model.drift_thresholds.psi_min,
             "novelty_rate_min": model.drift_thresholds.novelty_rate_min,
-            "method": "binary segmentation per group; chi-square (mix), Fisher exact (novelty), "
-            "Welch t with Bonferroni over features; Bonferroni over components and splits; "
-            "Benjamini-Hochberg over groups",
+            "out_of_scope_rate_min": model.drift_thresholds.out_of_scope_rate_min,
+            "method": "binary segmentation per group; chi-square (mix), Fisher exact (novelty and "
+            "out-of-scope rates), Welch t with Bonferroni over features; Bonferroni over components "
+            "and splits; Benjamini-Hochberg over groups",
         },
+        scope.to_json(),
     )
 
 

@@ -48,12 +48,15 @@ def test_bad_date_and_missing_column_name_the_row_and_column(tmp_path: Path) -> 
     assert rows[0].source == str(tmp_path / "a.png") and rows[1].group == ("B",)
 
 
-def _cells(rng: np.random.Generator, n: int, shift: float = 0.0, mix=(0.5, 0.3, 0.2)) -> CellStats:
+def _cells(
+    rng: np.random.Generator, n: int, shift: float = 0.0, mix=(0.5, 0.3, 0.2), out_of_scope: float = 0.0
+) -> CellStats:
     c = CellStats(3, len(NAMES))
     for _ in range(n):
         z = rng.normal(size=len(NAMES))
         z[2] += shift
-        c.add(int(rng.choice(3, p=mix)), bool(rng.random() < 0.01), 0.3, z)
+        field = "modality" if rng.random() < out_of_scope else ""
+        c.add(int(rng.choice(3, p=mix)), bool(rng.random() < 0.01), 0.3, z, field)
     return c
 
 
@@ -94,6 +97,23 @@ def test_a_mix_change_is_found_as_a_mix_change() -> None:
     assert change.group == ("B",) and change.period == "p2"
     assert change.components["cluster_mix"]["significant"]
     assert not change.components["features"]["significant"]
+
+
+def test_an_out_of_scope_change_is_found_as_its_own_component() -> None:
+    """From p3 on, a quarter of site B's images carry a header outside the model's scope."""
+    rng = np.random.default_rng(6)
+    cells = {("A",): {}, ("B",): {}}
+    for t in range(6):
+        cells[("A",)][f"p{t}"] = _cells(rng, 40, out_of_scope=0.01)
+        cells[("B",)][f"p{t}"] = _cells(rng, 40, out_of_scope=0.25 if t >= 3 else 0.0)
+    (change,) = find_changes(cells, NAMES, DEFAULT_THRESHOLDS)
+    assert change.group == ("B",) and change.period == "p3"
+    oos = change.components["out_of_scope"]
+    assert oos["significant"] and oos["before"] == 0.0 and oos["after"] > 0.15
+    assert not any(change.components[k]["significant"] for k in ("cluster_mix", "novelty", "features"))
+    merged = cells[("B",)]["p3"].merged(cells[("B",)]["p4"])
+    assert merged.out_of_scope_counts == {"modality": merged.n_out_of_scope} and merged.n_out_of_scope > 0
+    assert merged.window().n_out_of_scope == merged.n_out_of_scope  # the drift report sees them
 
 
 # --------------------------------------------------------------------------- end to end on real images
@@ -156,3 +176,62 @@ def test_audit_on_a_local_dask_cluster_writes_the_same_audit(
     summary = json.loads(capsys.readouterr().out.splitlines()[-1])
     assert [c["period"] for c in summary["change_points"]] == ["2025-03"]
     assert json.loads((tmp_path / "audit.json").read_text()) == json.loads((out / "audit.json").read_text())
+
+
+# --------------------------------------------------------------------------- out-of-scope DICOMs
+
+
+@pytest.fixture(scope="module")
+def dicom_archive(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 sites x 4 months x 6 chest DICOMs (NIH pixels, CR/CHEST/PA); from 2025-03 site B's headers
+    say ultrasound: the same kind of pixels, only the header is out of scope."""
+    from PIL import Image
+    from test_scope import dicom_bytes
+
+    rows = sorted((data_dir / "nih" / "images").glob("*.webp"))[200:248]
+    out = tmp_path_factory.mktemp("dicom-archive")
+    lines = ["image,date,site"]
+    for i, src in enumerate(rows):
+        month, site = 1 + i // 12, "AB"[(i // 6) % 2]
+        with Image.open(src) as im:
+            pixels = np.asarray(im.convert("L"), dtype=np.uint16) * np.uint16(257)  # 8 bits over 16
+        modality = "US" if site == "B" and month >= 3 else "CR"
+        path = out / f"{i:03d}.dcm"
+        path.write_bytes(dicom_bytes(pixels, modality, "CHEST", "PA"))
+        lines.append(f"{path.name},2025-{month:02d}-{1 + i % 28:02d},{site}")
+    (out / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return out / "manifest.csv"
+
+
+def test_audit_counts_out_of_scope_dicoms_per_group_and_period(
+    dicom_archive: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from monitor.cli import main
+
+    argv = [*_audit_argv(dicom_archive, tmp_path), "--min-segment-images", "12", "--jobs", "1"]
+    assert main(argv) == 0
+    summary = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert summary["n_images"] == 48 and summary["n_out_of_scope"] == 12
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert audit["scope"]["modalities"] == ["CR", "DR", "DX", "RG"]
+    by_site = {g["group"]["site"]: g["periods"] for g in audit["groups"]}
+    assert [p["n_out_of_scope"] for p in by_site["A"]] == [0, 0, 0, 0]
+    assert [p["n_out_of_scope"] for p in by_site["B"]] == [0, 0, 6, 6]
+    assert (
+        by_site["B"][3]["out_of_scope_counts"] == {"modality": 6}
+        and by_site["B"][3]["out_of_scope_rate"] == 1.0
+    )
+    # Against the reference, the drift report's own out-of-scope component (too few images for a
+    # verdict here, but the rate and counts are there).
+    assert by_site["B"][3]["drift"]["out_of_scope_rate"] == 1.0
+    assert by_site["B"][3]["drift"]["out_of_scope_counts"] == {"modality": 6}
+    # Over time: site B changed in 2025-03, and only in whether its images are in scope.
+    ((change),) = [c for c in audit["change_points"] if c["group"] == {"site": "B"}]
+    assert change["period"] == "2025-03"
+    assert change["components"]["out_of_scope"] == {"p": change["components"]["out_of_scope"]["p"],
+        "before": 0.0, "after": 1.0, "significant": True}  # fmt: skip
+    assert not any(change["components"][k]["significant"] for k in ("cluster_mix", "novelty", "features"))
+    assert [c["group"] for c in audit["change_points"]] == [{"site": "B"}]
+    page = (tmp_path / "audit.html").read_text()
+    assert "out of scope 0.0% → 100.0%" in page and "12 of them out of the model" in page
+    assert "modality 6" in page

@@ -62,9 +62,11 @@ def _run(args: argparse.Namespace) -> int:
         raise InvalidInputError(f"{out}: cannot write the audit ({exc.strerror})") from exc
     for _, reason in result.errors:
         print(f"error: {reason}", file=sys.stderr)
+    n_out_of_scope = audit["n_out_of_scope"]
     summary = {
         "out": str(out),
         "n_images": result.n_images,
+        "n_out_of_scope": n_out_of_scope,
         "n_unreadable": len(result.errors),
         "n_groups": len(result.cells),
         "change_points": [
@@ -78,6 +80,8 @@ def _run(args: argparse.Namespace) -> int:
         print(
             f"{result.n_images} images in {len(result.cells)} groups; audit written to {out}/audit.{{json,html}}"
         )
+        if n_out_of_scope:
+            print(f"{n_out_of_scope} images out of the model's scope by their DICOM header (see the audit)")
         if not result.changes:
             print("no change over time in any group")
         for c in result.changes:
@@ -100,13 +104,16 @@ def register(sub: Any) -> None:
         Score every image of a manifest (a CSV with the image path or URL and columns such as
         acquisition date, site, scanner, view) and, for each group (--by) and period: the image
         count, the drift verdict against the model's reference with its statistics (cluster-mix
-        PSI and chi-square, novelty rate, estimated failure rate), the cluster mix and the most
-        shifted features. Then, per group, the change points over time: when the group's own
-        images changed (binary segmentation of its periods; chi-square test of the cluster mix,
-        Fisher's exact test of the novelty rate, Welch tests of the feature means; corrected for
-        components, candidate splits and, by Benjamini-Hochberg, groups), and which features
-        moved. Writes OUT/audit.json and a self-contained OUT/audit.html timeline.
-        Relative image paths are read from the manifest's folder.
+        PSI and chi-square, novelty rate, intensity and out-of-scope components, estimated failure
+        rate), the cluster mix, the out-of-scope images (a DICOM header outside the model's
+        modality, body part or view allow-lists; counted by the field that failed and, as in
+        drift, still counted in the other components) and the most shifted features. Then, per
+        group, the change points over time: when the group's own images changed (binary
+        segmentation of its periods; chi-square test of the cluster mix, Fisher's exact tests of
+        the novelty and out-of-scope rates, Welch tests of the spectral and intensity feature
+        means; corrected for components, candidate splits and, by Benjamini-Hochberg, groups),
+        and which features moved. Writes OUT/audit.json and a self-contained OUT/audit.html
+        timeline. Relative image paths are read from the manifest's folder.
         """,
         "example:\n  cxr-monitor audit --model models/mine --manifest archive.csv --by site,scanner "
         "--period month --out audit/",

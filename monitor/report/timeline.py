@@ -20,6 +20,8 @@ from .to_html import STYLESHEET
 __all__ = ["group_timeline_figure", "render_audit_html"]
 
 _CHANGE_COLOUR = "#c62828"
+_NOVELTY_COLOUR = "#1a56a5"
+_SCOPE_COLOUR = "#e08a00"
 
 
 def _e(x: Any) -> str:
@@ -31,7 +33,8 @@ def _label(group: dict[str, str]) -> str:
 
 
 def group_timeline_figure(audit: dict[str, Any], group: dict[str, Any], features: list[str]) -> Figure:
-    """Images per period with the novelty rate, the cluster mix, and the mean of ``features``."""
+    """Images per period with the novelty and out-of-scope rates, the cluster mix, and the mean of
+    ``features``."""
     rows = group["periods"]
     periods = [r["period"] for r in rows]
     x = np.arange(len(periods))
@@ -43,9 +46,13 @@ def group_timeline_figure(audit: dict[str, Any], group: dict[str, Any], features
     ax1.set_ylabel("images", fontsize=9)
     twin = ax1.twinx()
     nov = [r["novelty_rate"] if r["novelty_rate"] is not None else np.nan for r in rows]
-    twin.plot(x, nov, "o-", color="#1a56a5", label="novelty rate")
-    twin.set_ylabel("novelty rate", fontsize=9, color="#1a56a5")
-    twin.set_ylim(0, max(0.2, np.nanmax(nov) * 1.15 if np.isfinite(np.nanmax(nov)) else 0.2))
+    oos = [r.get("out_of_scope_rate") if r.get("out_of_scope_rate") is not None else np.nan for r in rows]
+    twin.plot(x, nov, "o-", color=_NOVELTY_COLOUR, label="novelty rate")
+    twin.plot(x, oos, "s--", color=_SCOPE_COLOUR, label="out-of-scope rate")
+    twin.set_ylabel("share of images", fontsize=9)
+    top = np.nanmax(np.concatenate([nov, oos])) if np.isfinite(np.concatenate([nov, oos])).any() else 0.0
+    twin.set_ylim(0, max(0.2, top * 1.15))
+    twin.legend(fontsize=7.5, loc="upper right", frameon=False)
     k = len(rows[0]["cluster_mix"])
     mix = np.array([r["cluster_mix"] for r in rows])
     bottom = np.zeros(len(rows))
@@ -97,6 +104,9 @@ def _components(c: dict[str, Any]) -> str:
         parts.append(f"cluster mix (PSI {comp['cluster_mix']['psi']:.2f})")
     if comp["novelty"]["significant"]:
         parts.append(f"novelty {comp['novelty']['before']:.1%} → {comp['novelty']['after']:.1%}")
+    oos = comp.get("out_of_scope", {})
+    if oos.get("significant"):
+        parts.append(f"out of scope {oos['before']:.1%} → {oos['after']:.1%}")
     if comp["features"]["significant"]:
         parts.append(f"features (largest shift {comp['features']['largest_shift_sd']:+.1f} SD)")
     return "; ".join(parts) or "combined evidence"
@@ -110,7 +120,8 @@ def render_audit_html(audit: dict[str, Any]) -> str:
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>Archive drift audit by {_e(by)}</title><style>{STYLESHEET}</style></head><body><main>",
         f"<h1>Archive drift audit by {_e(by)} and {_e(audit['period'])}</h1>",
-        f"<p class='sub'>Model {_e(audit['model_id'])}; {audit['n_images']} images scored, "
+        f"<p class='sub'>Model {_e(audit['model_id'])}; {audit['n_images']} images scored "
+        f"({audit.get('n_out_of_scope', 0)} of them out of the model's scope by their DICOM header), "
         f"{audit['n_unreadable']} unreadable; {len(audit['groups'])} groups.</p>",
         "<h2>Change points</h2>",
     ]
@@ -133,9 +144,12 @@ def render_audit_html(audit: dict[str, Any]) -> str:
     s = audit["settings"]
     out.append(
         f"<p class='note'>Method: {_e(s['method'])}. A change needs q &lt; {s['alpha']} and an effect at least "
-        f"PSI {s['psi_min']} (mix), {s['novelty_rate_min']} (novelty rate) or {s['min_effect_sd']} pooled SD "
+        f"PSI {s['psi_min']} (mix), {s['novelty_rate_min']} (novelty rate), "
+        f"{s.get('out_of_scope_rate_min', 0.0)} (out-of-scope rate) or {s['min_effect_sd']} pooled SD "
         f"(a feature mean); each side of a split holds at least {s['min_segment_images']} images. "
-        "The drift verdict per period compares it with the model's reference set.</p>"
+        "The drift verdict per period compares it with the model's reference set. Out-of-scope images "
+        "(a DICOM header outside the model's modality, body part or view allow-lists) are counted "
+        "by the field that failed and, as in the drift report, still count in the other components.</p>"
     )
     for group in audit["groups"]:
         label = _label(group["group"])
@@ -153,12 +167,19 @@ def render_audit_html(audit: dict[str, Any]) -> str:
         out.append(_img(group_timeline_figure(audit, group, features), f"timeline of {label}"))
         out.append(
             "<table><tr><th>period</th><th class='num'>images</th><th>drift vs reference</th>"
-            "<th class='num'>PSI</th><th class='num'>novelty rate</th>"
+            "<th class='num'>PSI</th><th class='num'>novelty rate</th><th>out of scope</th>"
             "<th class='num'>est. failure rate</th><th>most shifted features</th></tr>"
         )
         for r in group["periods"]:
             d = r["drift"] or {}
             verdict = "DRIFT" if d.get("drift") else "no drift"
+            moved = [k.replace("_", " ") for k, v in (d.get("components") or {}).items() if v]
+            if moved:
+                verdict += f" ({', '.join(moved)})"
+            by_field = ", ".join(
+                f"{k.replace('_', ' ')} {v}" for k, v in (r.get("out_of_scope_counts") or {}).items()
+            )
+            scope = f"{r.get('n_out_of_scope', 0)}" + (f" ({by_field})" if by_field else "")
             if d.get("n_images", 0) < d.get("thresholds", {}).get("min_images", 0):
                 verdict = "too few images for a verdict"
             top = ", ".join(
@@ -167,7 +188,7 @@ def render_audit_html(audit: dict[str, Any]) -> str:
             out.append(
                 f"<tr><td>{_e(r['period'])}</td><td class='num'>{r['n_images']}</td><td>{_e(verdict)}</td>"
                 f"<td class='num'>{d.get('psi', float('nan')):.3f}</td>"
-                f"<td class='num'>{(r['novelty_rate'] or 0):.1%}</td>"
+                f"<td class='num'>{(r['novelty_rate'] or 0):.1%}</td><td>{_e(scope)}</td>"
                 f"<td class='num'>{d.get('estimated_failure_rate', float('nan')):.3f}</td>"
                 f"<td>{_e(top)}</td></tr>"
             )
