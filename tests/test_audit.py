@@ -165,6 +165,39 @@ def test_audit_names_the_site_and_month_of_the_injected_change_and_nothing_else(
     assert "site B" in page and "2025-03" in page
 
 
+@pytest.fixture(scope="module")
+def gamma_archive(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 sites x 4 months x 25 NIH images; site B through a new display curve (gamma 0.7, the level
+    issue 12 names) from 2025-03. Per-image spread of the intensity features is about one reference
+    SD, so the change needs some 50 images a side to be confirmed after every correction."""
+    return build_archive(
+        data_dir,
+        tmp_path_factory.mktemp("gamma-archive"),
+        sites=2,
+        months=4,
+        site="B",
+        month=3,
+        shift=("gamma", "strong"),
+        seed=11,
+        per_cell=25,
+    )
+
+
+def test_audit_names_a_photometric_change_by_its_intensity_features(
+    gamma_archive: Path, tmp_path: Path
+) -> None:
+    """A new display curve is invisible to the spectral features; spec 2.0's intensity ones see it."""
+    from monitor.cli import main
+
+    assert main([*_audit_argv(gamma_archive, tmp_path), "--jobs", "2"]) == 0
+    audit = json.loads((tmp_path / "audit.json").read_text())
+    assert [(c["group"], c["period"]) for c in audit["change_points"]] == [({"site": "B"}, "2025-03")]
+    (change,) = audit["change_points"]
+    assert change["components"]["features"]["significant"]
+    assert not change["components"]["cluster_mix"]["significant"]  # clusters are spectral
+    assert change["moved_features"][0]["feature"].startswith("intensity_")
+
+
 def test_audit_on_a_local_dask_cluster_writes_the_same_audit(
     archive: Path, local_audit, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
