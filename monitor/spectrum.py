@@ -72,8 +72,8 @@ PROFILE_STAGES: tuple[str, ...] = (
     "intensity",
     "window",
     "fft",
-    "blockiness",
     "spectral_features",
+    "blockiness",
 )
 """The stages of a profile, in the order they run (see :class:`StageTimes`)."""
 
@@ -96,10 +96,10 @@ class StageTimes:
         Hann window and scaling by the standard deviation.
     fft : float
         The working-size real FFT.
-    blockiness : float
-        JPEG blockiness on the native image.
     spectral_features : float
         Power spectrum, band energies, slopes, sector ratios and the peak feature.
+    blockiness : float
+        JPEG blockiness on the native image.
     """
 
     working_image: float
@@ -107,8 +107,8 @@ class StageTimes:
     intensity: float
     window: float
     fft: float
-    blockiness: float
     spectral_features: float
+    blockiness: float
 
     @property
     def total(self) -> float:
@@ -675,24 +675,26 @@ class SpectralProfiler:
         plan.execute()
         if marks is not None:
             marks.append(time.perf_counter())
+        spec = plan.output_array
+        power = (np.square(spec.real) + np.square(spec.imag)).ravel()[self._bins.flat_index]
+        band_features = self._features(power.astype(np.float64))
+        if marks is not None:
+            marks.append(time.perf_counter())
         blockiness = _blockiness(pixels.astype(np.float32, copy=False))
         if marks is not None:
             marks.append(time.perf_counter())
-        spec = plan.output_array
-        power = (np.square(spec.real) + np.square(spec.imag)).ravel()[self._bins.flat_index]
-        spectral = self._features(power.astype(np.float64), blockiness)
-        if marks is not None:
-            marks.append(time.perf_counter())
-        if intensity_features is None:
-            return spectral
-        return np.concatenate([spectral, intensity_features])
+        parts = [band_features, [blockiness]]
+        if intensity_features is not None:
+            parts.append(intensity_features)
+        return np.concatenate(parts)
 
     def spectral_profile(self, pixels: np.ndarray) -> np.ndarray:
         """The spectral component only (:attr:`spectral_feature_names`), invariant to ``a*x + b``."""
         return self._profile(pixels, None, intensity=False)
 
-    def _features(self, power: np.ndarray, blockiness: float) -> np.ndarray:
-        """Features from the selected bins' power (assumes the bin layout of ``self._bins``)."""
+    def _features(self, power: np.ndarray) -> np.ndarray:
+        """Spectral features but the last (blockiness) from the selected bins' power (assumes the bin
+        layout of ``self._bins``)."""
         b = self._bins
         wp = power * b.weight
         energy = np.bincount(b.band_of_bin, weights=wp, minlength=self.n_bands)
@@ -724,7 +726,6 @@ class SpectralProfiler:
                     _log10_ratio(x_high, y_high),
                     _log10_ratio(x_high + y_high, diag_high),
                     peak,
-                    blockiness,
                 ],
             ]
         )
