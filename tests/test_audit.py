@@ -99,6 +99,23 @@ def test_a_mix_change_is_found_as_a_mix_change() -> None:
     assert not change.components["features"]["significant"]
 
 
+def test_a_short_segment_missing_a_skewed_features_tail_is_not_a_change() -> None:
+    """No change: one feature is skewed (4 images in 25 sit far below the rest, like the dark films
+    of intensity_p99_of_range), and the last period's 25 images happen to hold none of the tail.
+    Its mean moves ~0.6 pooled SD and its variance is small: Welch's t (~4.5) called that a change,
+    as on the null archive of benchmarks/audit_demo.py; the pooled variance of "no change" does not."""
+    rng = np.random.default_rng(9)
+    periods = {}
+    for t in range(6):
+        c = CellStats(3, len(NAMES))
+        for i in range(25):
+            z = rng.normal(size=len(NAMES)) * 0.3
+            z[0] += -4.0 if (t < 5 and i in (0, 6, 12, 18)) else 0.35
+            c.add(int(rng.choice(3, p=(0.5, 0.3, 0.2))), False, 0.3, z)
+        periods[f"2025-{t + 1:02d}"] = c
+    assert find_changes({("A",): periods}, NAMES, DEFAULT_THRESHOLDS) == []
+
+
 def test_an_out_of_scope_change_is_found_as_its_own_component() -> None:
     """From p3 on, a quarter of site B's images carry a header outside the model's scope."""
     rng = np.random.default_rng(6)

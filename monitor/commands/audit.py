@@ -110,8 +110,8 @@ def register(sub: Any) -> None:
         drift, still counted in the other components) and the most shifted features. Then, per
         group, the change points over time: when the group's own images changed (binary
         segmentation of its periods; chi-square test of the cluster mix, Fisher's exact tests of
-        the novelty and out-of-scope rates, Welch tests of the spectral and intensity feature
-        means; corrected for components, candidate splits and, by Benjamini-Hochberg, groups),
+        the novelty and out-of-scope rates, pooled-variance t tests of the spectral and
+        intensity feature means; corrected for components, candidate splits and, by Benjamini-Hochberg, groups),
         and which features moved. Writes OUT/audit.json and a self-contained OUT/audit.html
         timeline. Relative image paths are read from the manifest's folder.
         """,
