@@ -112,7 +112,7 @@ class StageTimes:
 
     @property
     def total(self) -> float:
-        """Sum of the stages: the profile's time less the few microseconds between them."""
+        """Sum of the stages: the profile's time but its input check and FFT plan lookup."""
         return float(sum(self.to_dict().values()))
 
     def to_dict(self) -> dict[str, float]:
