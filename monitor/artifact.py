@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .clustering import SpectralClusterer
-from .drift import DriftThresholds
+from .drift import DriftThresholds, ReferenceRanks
 from .errors import ArtifactError, InvalidInputError
 from .model import ReliabilityModel
 from .reliability import ClusterCalibrator, ClusterFailureRates
@@ -57,6 +57,8 @@ def save_model(model: ReliabilityModel, directory: str | os.PathLike) -> Path:
     arrays["reference_mix"] = model.reference_mix
     if model.fit_profiles is not None:
         arrays["fit_profiles"] = model.fit_profiles
+    if model.drift_ranks is not None:
+        arrays["drift_rank_table"] = model.drift_ranks.table_
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     npz = buf.getvalue()
@@ -153,7 +155,7 @@ def load_model(directory: str | os.PathLike) -> ReliabilityModel:
         rates = ClusterFailureRates.from_json(doc["failure_rates"])
         calibrator = ClusterCalibrator.from_json(doc["calibrator"]) if doc.get("calibrator") else None
         ref = doc["reference"]
-        return ReliabilityModel(
+        model = ReliabilityModel(
             profiler=profiler,
             clusterer=clusterer,
             rates=rates,
@@ -170,6 +172,14 @@ def load_model(directory: str | os.PathLike) -> ReliabilityModel:
             # Models saved before header scopes existed get the built-in chest radiograph lists.
             scope=ScopeRules.from_json(doc.get("scope")),
         )
+        # Models saved before the rank-based drift tests rebuild the table from their fit
+        # profiles (the same table a fit makes when it keeps all of them); without either the
+        # per-feature tests stay Welch tests.
+        if "drift_rank_table" in arrays:
+            model.drift_ranks = ReferenceRanks.from_table(arrays["drift_rank_table"])
+        elif model.fit_profiles is not None and len(model.fit_profiles) >= 2:
+            model.drift_ranks = ReferenceRanks().fit(model.clusterer.standardise(model.fit_profiles))
+        return model
     except ArtifactError:
         raise
     except (KeyError, TypeError, ValueError, AttributeError, np.linalg.LinAlgError) as exc:

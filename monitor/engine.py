@@ -254,8 +254,9 @@ class Engine:
     ) -> SlidingWindow:
         """A sliding drift window sized for this model."""
         return SlidingWindow(
-            self.model.n_clusters, len(self.model.feature_names), max_images, max_age_seconds
-        )
+            self.model.n_clusters, len(self.model.feature_names), max_images, max_age_seconds,
+            ranks=self.model.drift_ranks,
+        )  # fmt: skip
 
     def window_drift(self, window: SlidingWindow, now: float | None = None) -> DriftReport:
         """Drift report of a sliding window at time ``now`` (monotonic seconds)."""

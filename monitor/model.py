@@ -17,7 +17,7 @@ import numpy as np
 
 from . import __version__
 from .clustering import SpectralClusterer, check_profiles
-from .drift import DEFAULT_THRESHOLDS, DriftThresholds, WindowStats, drift_report
+from .drift import DEFAULT_THRESHOLDS, DriftThresholds, ReferenceRanks, WindowStats, drift_report
 from .errors import InvalidInputError
 from .reliability import ClusterCalibrator, ClusterFailureRates
 from .scope import ScopeRules
@@ -69,6 +69,8 @@ class ReliabilityModel:
     fit_records: list[dict[str, Any]] | None = None
     # Header allow-lists (modality, body part, view) of the images the model speaks for.
     scope: ScopeRules = field(default_factory=ScopeRules)
+    # Per-feature reference distribution for the rank-based drift tests (None: Welch tests).
+    drift_ranks: ReferenceRanks | None = None
 
     @property
     def feature_names(self) -> tuple[str, ...]:
@@ -179,6 +181,9 @@ class ReliabilityModel:
             ],
         )
         model.scope = scope if scope is not None else ScopeRules.learn(model.fit_records)
+        model.drift_ranks = ReferenceRanks().fit(
+            np.vstack([clusterer.standardise(X[c]) for c in chunks])
+        )
         if kept.size < n:
             model.card["fit_sample"] = {"n_profiles": n, "n_clustered": int(kept.size)}
         model.card.setdefault("versions", library_versions())
@@ -273,7 +278,9 @@ class ReliabilityModel:
         return results
 
     def new_window(self) -> WindowStats:
-        return WindowStats(n_clusters=self.n_clusters, n_features=len(self.feature_names))
+        return WindowStats(
+            n_clusters=self.n_clusters, n_features=len(self.feature_names), ranks=self.drift_ranks
+        )
 
     def standardise(self, profiles: Any) -> np.ndarray:
         """Profiles in reference standard deviations, shape (n_images, n_features)."""

@@ -94,8 +94,10 @@ class ScoreResult:
 class FeatureDrift:
     """One profile feature in a window: its mean shift and test against the reference.
 
-    ``shift`` is the window mean in reference standard deviations; ``q_value`` the
-    Benjamini–Hochberg adjusted ``p_value`` over all features of the report.
+    ``shift`` is the window mean in reference standard deviations; ``rank_shift`` the window
+    mean normal score (the robust shift the test and ``feature_shift_min`` use, in reference
+    SDs for a normally distributed feature; see :class:`monitor.drift.ReferenceRanks`);
+    ``q_value`` the Benjamini–Hochberg adjusted ``p_value`` over all features of the report.
     """
 
     feature: str
@@ -105,6 +107,7 @@ class FeatureDrift:
     p_value: float
     q_value: float
     drifted: bool
+    rank_shift: float = float("nan")
 
 
 @dataclass(frozen=True)
