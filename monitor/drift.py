@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from scipy import stats
+from scipy import special, stats
 from scipy.spatial.distance import jensenshannon
 
 from .errors import InvalidInputError
@@ -132,7 +132,7 @@ class ReferenceRanks:
             lo = np.searchsorted(col, Z2[:, j], side="left")
             hi = np.searchsorted(col, Z2[:, j], side="right")
             out[:, j] = (lo + 0.5 * (hi - lo) + 0.5) / (m + 1)
-        out = stats.norm.ppf(out)
+        out = special.ndtri(out)
         return out[0] if flat else out
 
 

@@ -181,9 +181,7 @@ class ReliabilityModel:
             ],
         )
         model.scope = scope if scope is not None else ScopeRules.learn(model.fit_records)
-        model.drift_ranks = ReferenceRanks().fit(
-            np.vstack([clusterer.standardise(X[c]) for c in chunks])
-        )
+        model.drift_ranks = ReferenceRanks().fit(np.vstack([clusterer.standardise(X[c]) for c in chunks]))
         if kept.size < n:
             model.card["fit_sample"] = {"n_profiles": n, "n_clustered": int(kept.size)}
         model.card.setdefault("versions", library_versions())

@@ -430,4 +430,6 @@ def test_sliding_window_keeps_rank_scores_in_step() -> None:
     zs = [rng.normal(size=3) for _ in range(25)]
     for i, z in enumerate(zs):
         win.add(float(i), i % 2, False, 0.1, z)
-    np.testing.assert_allclose(win.stats(25.0).score_sum, ranks.scores(np.array(zs[-10:])).sum(axis=0), atol=1e-9)
+    np.testing.assert_allclose(
+        win.stats(25.0).score_sum, ranks.scores(np.array(zs[-10:])).sum(axis=0), atol=1e-9
+    )

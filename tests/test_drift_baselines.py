@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.drift_baselines import (  # noqa: E402
     INTENSITY_STATISTICS,
+    KSReference,
     intensity_statistics,
     ks_drift_test,
     median_bandwidth,
@@ -92,3 +93,16 @@ def test_intensity_statistics_and_thumbnail() -> None:
     )
     with pytest.raises(ValueError, match="must be \\(n, m\\) and \\(N, m\\)"):
         ks_drift_test(np.zeros((3, 2)), np.zeros((5, 3)))
+
+
+def test_ks_reference_gives_the_same_p_values_as_ks_drift_test() -> None:
+    rng = np.random.default_rng(3)
+    reference = rng.normal(size=(310, 4))
+    ks = KSReference(reference)
+    for n in (30, 50, 100):
+        for shift in (0.0, 0.3):
+            window = rng.normal(size=(n, 4)) + shift
+            p, per = ks.test(window)
+            p_ref, per_ref = ks_drift_test(window, reference)
+            assert p == pytest.approx(p_ref, abs=1e-12)
+            np.testing.assert_allclose(per, per_ref, atol=1e-12)
