@@ -97,13 +97,21 @@ DRIFT_FEATURE_GAUGES: dict[str, tuple[str, str]] = {
         "Window mean of a profile feature in reference standard deviations (signed).",
         "shift",
     ),
-    "drift_feature_p_value": ("Two-sided p-value of the feature's window mean shift (Welch z).", "p_value"),
+    "drift_feature_rank_shift": (
+        "Window mean normal score of a profile feature against the reference (its robust shift, in reference "
+        "standard deviations for a normal feature; gated by feature_shift_min).",
+        "rank_shift",
+    ),
+    "drift_feature_p_value": (
+        "Two-sided p-value of the feature's shift (rank-based test against the model's reference).",
+        "p_value",
+    ),
     "drift_feature_q_value": (
         "Benjamini-Hochberg adjusted p-value of the feature's shift, over all features of the window.",
         "q_value",
     ),
     "drift_feature_detected": (
-        "1 when the feature's shift passes the model's thresholds (q below feature_alpha and |shift| above "
+        "1 when the feature's shift passes the model's thresholds (q below feature_alpha and |rank_shift| above "
         "feature_shift_min), else 0.",
         "drifted",
     ),

@@ -220,3 +220,25 @@ def test_bundled_default_model_loads() -> None:
     assert model.fingerprint() == model.model_id
     assert len(model.feature_names) == 42
     assert model.fit_profiles is not None and model.fit_profiles.shape == (len(model.fit_records), 42)
+
+
+def test_drift_rank_table_round_trip_and_older_artifacts(saved: Path, fitted) -> None:
+    model = fitted[0]
+    assert model.drift_ranks is not None and model.drift_ranks.n_points == len(model.fit_profiles)
+    back = load_model(saved)
+    np.testing.assert_array_equal(back.drift_ranks.table_, model.drift_ranks.table_)
+    # A model saved before the table existed rebuilds the same one from its fit profiles.
+    with np.load(saved / "arrays.npz", allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files if k != "drift_rank_table"}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (saved / "arrays.npz").write_bytes(buf.getvalue())
+    _rewrite_manifest(saved)
+    older = load_model(saved)
+    np.testing.assert_allclose(older.drift_ranks.table_, model.drift_ranks.table_)
+    w_new, w_old = model.new_window(), older.new_window()
+    z = model.standardise(fitted[1][:40])
+    for row in z:
+        w_new.add(0, False, 0.1, row)
+        w_old.add(0, False, 0.1, row)
+    assert model.drift(w_new).feature_drift == older.drift(w_old).feature_drift

@@ -63,6 +63,7 @@ EXACT_NAMES = {
     "cxr_monitor_source_predicted_failures": "counter",
     "cxr_monitor_drift_component_detected": "gauge",
     "cxr_monitor_drift_feature_shift": "gauge",
+    "cxr_monitor_drift_feature_rank_shift": "gauge",
     "cxr_monitor_drift_feature_p_value": "gauge",
     "cxr_monitor_drift_feature_q_value": "gauge",
     "cxr_monitor_drift_feature_detected": "gauge",
@@ -79,7 +80,7 @@ def _report(n: int = 40, drift: bool = True) -> DriftReport:
         intensity_drift=drift, components={"cluster_mix": False, "novelty": False, "intensity": drift},
         feature_drift=(
             FeatureDrift("jpeg_blockiness", "spectral", 0.1, 0.5, 0.6, 0.6, False),
-            FeatureDrift("intensity_mean_of_range", "intensity", -1.2, -8.0, 1e-15, 2e-15, drift),
+            FeatureDrift("intensity_mean_of_range", "intensity", -1.2, -8.0, 1e-15, 2e-15, drift, rank_shift=-1.1),
         ),
     )  # fmt: skip
 
@@ -306,6 +307,7 @@ def test_per_component_and_per_feature_drift_gauges(metrics: MonitorMetrics) -> 
     assert get("cxr_monitor_drift_component_detected", {"window": "count", "component": "cluster_mix"}) == 0
     labels = {"window": "count", "feature": "intensity_mean_of_range"}
     assert get("cxr_monitor_drift_feature_shift", labels) == pytest.approx(-1.2)
+    assert get("cxr_monitor_drift_feature_rank_shift", labels) == pytest.approx(-1.1)
     assert get("cxr_monitor_drift_feature_p_value", labels) == pytest.approx(1e-15)
     assert get("cxr_monitor_drift_feature_q_value", labels) == pytest.approx(2e-15)
     assert get("cxr_monitor_drift_feature_detected", labels) == 1

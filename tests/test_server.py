@@ -486,6 +486,11 @@ def test_model_info_matches_the_model(client: ReliabilityClient, engine: Engine)
     assert info.calibrated == (m.calibrator is not None)
     assert list(info.feature_names) == list(m.feature_names)
     assert info.drift_thresholds.min_images == m.drift_thresholds.min_images
+    # Every threshold of the model is visible over gRPC, the per-feature ones included.
+    shown = {f.name for f in info.drift_thresholds.DESCRIPTOR.fields}
+    assert shown == set(m.drift_thresholds.to_dict())
+    assert info.drift_thresholds.feature_alpha == pytest.approx(m.drift_thresholds.feature_alpha)
+    assert info.drift_thresholds.feature_shift_min == pytest.approx(m.drift_thresholds.feature_shift_min)
     assert info.reference.novelty_rate == pytest.approx(m.reference_novelty_rate)
     assert json.loads(info.card_json)["model_id"] == m.model_id
     assert info.window_images == 50

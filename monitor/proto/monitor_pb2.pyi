@@ -442,6 +442,8 @@ class DriftThresholds(_message.Message):
         "novelty_alpha",
         "min_images",
         "out_of_scope_rate_min",
+        "feature_alpha",
+        "feature_shift_min",
     )
     PSI_MIN_FIELD_NUMBER: _ClassVar[int]
     CHI2_ALPHA_FIELD_NUMBER: _ClassVar[int]
@@ -449,12 +451,16 @@ class DriftThresholds(_message.Message):
     NOVELTY_ALPHA_FIELD_NUMBER: _ClassVar[int]
     MIN_IMAGES_FIELD_NUMBER: _ClassVar[int]
     OUT_OF_SCOPE_RATE_MIN_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_ALPHA_FIELD_NUMBER: _ClassVar[int]
+    FEATURE_SHIFT_MIN_FIELD_NUMBER: _ClassVar[int]
     psi_min: float
     chi2_alpha: float
     novelty_rate_min: float
     novelty_alpha: float
     min_images: int
     out_of_scope_rate_min: float
+    feature_alpha: float
+    feature_shift_min: float
     def __init__(
         self,
         psi_min: _Optional[float] = ...,
@@ -463,6 +469,8 @@ class DriftThresholds(_message.Message):
         novelty_alpha: _Optional[float] = ...,
         min_images: _Optional[int] = ...,
         out_of_scope_rate_min: _Optional[float] = ...,
+        feature_alpha: _Optional[float] = ...,
+        feature_shift_min: _Optional[float] = ...,
     ) -> None: ...
 
 class Scope(_message.Message):

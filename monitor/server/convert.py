@@ -385,6 +385,8 @@ def model_info(
             novelty_alpha=th.novelty_alpha,
             min_images=int(th.min_images),
             out_of_scope_rate_min=th.out_of_scope_rate_min,
+            feature_alpha=th.feature_alpha,
+            feature_shift_min=th.feature_shift_min,
         ),  # fmt: skip
         feature_names=list(model.feature_names),
         working_size=spec["working_size"],
