@@ -11,8 +11,17 @@ NIH with each shift of benchmarks/shifts.py at each level mixed in at 10/30/100%
 Detectors: the core's verdict (DriftReport.drift) and its two components (cluster mix: chi2
 p and PSI; novelty), KS on 10 intensity statistics (Bonferroni), and RBF-kernel MMD on
 32x32 thumbnails (median-heuristic bandwidth from the reference half, permutation p).
-Windows are drawn with replacement; the sequential part streams 150 clean images then 300
-drifted ones through monitor.drift.SlidingWindow and checks every ``--check-every`` images.
+Windows are drawn without replacement inside a window (no image twice, nor its clean and
+shifted copies); the sequential part streams 150 clean images then 300 drifted ones (successive
+permutations of the pool) through monitor.drift.SlidingWindow and checks every
+``--check-every`` images. Held-out false alarms are also measured over ``--fa-splits`` random
+half splits of NIH (a model fitted on each), at windows of 30/50/100/200, with the model's
+rank-based per-feature tests and with the Welch tests they replaced.
+
+Cost: each image is profiled once per shift and level (cached, ``featurize_files``); every
+window is built from per-image values computed once (cluster, novelty, standardised profile,
+normal scores); MMD uses one Gram matrix over reference + pool (permutations are weight
+vectors); KS compares with a pre-sorted reference and reuses its p-values.
 
 Last part: a spectral model fitted on clean kermany/train (profiles + out-of-fold failures of
 the E2 classifier) estimates the failure rate on shifted kermany/test without labels; it is
