@@ -750,8 +750,8 @@ def write_markdown(
             f"## Share of windows flagged, window of {size} images",
             "",
             "First two rows: no drift (false alarms) and another hospital. 'cluster mix', 'novelty' and "
-            "'intensity' are the three components of the core verdict (intensity: a Benjamini–Hochberg "
-            "corrected per-feature mean test, see docs/spectral-profile.md).",
+            "'intensity' are the three components of the core verdict (intensity: rank-based per-feature "
+            "tests, Benjamini–Hochberg corrected, see docs/spectral-profile.md section 7).",
             "",
             "| stream | mixed in | "
             + " | ".join(label for _, label in DETECTORS)
