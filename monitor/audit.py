@@ -9,7 +9,7 @@ Two questions, two tests:
 
 * **Against the reference** (per cell): the model's drift report: cluster-mix drift,
   novelty drift, intensity drift, out-of-scope drift, estimated failure rate, most shifted
-  features.
+  features, with the same rank-based per-feature tests as the sidecar's windows.
 * **Over time** (per group): did the group's images change, and when? A group may differ
   from the reference from its first period (another hospital is not a change), so each
   group is compared with *itself*: binary segmentation, where every split of the group's
@@ -44,7 +44,7 @@ import numpy as np
 from scipy import stats
 
 from .defaults import DEFAULT_AUDIT_ALPHA, DEFAULT_AUDIT_MIN_EFFECT, DEFAULT_AUDIT_MIN_SEGMENT_IMAGES
-from .drift import WindowStats, psi
+from .drift import ReferenceRanks, WindowStats, psi
 from .errors import InvalidInputError
 from .model import ReliabilityModel
 from .reliability import benjamini_hochberg
@@ -168,6 +168,10 @@ class CellStats:
 
     n_clusters: int
     n_features: int
+    # The model's reference ranks: each cell's drift report then uses drift's rank-based
+    # per-feature tests, as the sidecar's windows do (Welch's test on heavy-tailed intensity
+    # features fires far above its level in cells of a few dozen images).
+    ranks: ReferenceRanks | None = None
     n: int = 0
     n_novel: int = 0
     n_errors: int = 0
@@ -177,11 +181,13 @@ class CellStats:
     cluster_counts: np.ndarray = field(init=False)
     z_sum: np.ndarray = field(init=False)
     z_sumsq: np.ndarray = field(init=False)
+    score_sum: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
         self.z_sum = np.zeros(self.n_features)
         self.z_sumsq = np.zeros(self.n_features)
+        self.score_sum = np.zeros(self.n_features)
 
     @property
     def n_out_of_scope(self) -> int:
@@ -197,16 +203,19 @@ class CellStats:
         self.cluster_counts[cluster] += 1
         self.z_sum += z
         self.z_sumsq += z * z
+        if self.ranks is not None:
+            self.score_sum += self.ranks.scores(z)
         if out_of_scope:
             self.out_of_scope_counts[out_of_scope] = self.out_of_scope_counts.get(out_of_scope, 0) + 1
 
     def merged(self, other: CellStats) -> CellStats:
-        out = CellStats(self.n_clusters, self.n_features)
+        out = CellStats(self.n_clusters, self.n_features, self.ranks)
         out.n, out.n_novel = self.n + other.n, self.n_novel + other.n_novel
         out.n_errors = self.n_errors + other.n_errors
         out.failure_probability_sum = self.failure_probability_sum + other.failure_probability_sum
         out.cluster_counts = self.cluster_counts + other.cluster_counts
         out.z_sum, out.z_sumsq = self.z_sum + other.z_sum, self.z_sumsq + other.z_sumsq
+        out.score_sum = self.score_sum + other.score_sum
         out.out_of_scope_counts = {
             k: self.out_of_scope_counts.get(k, 0) + other.out_of_scope_counts.get(k, 0)
             for k in sorted(set(self.out_of_scope_counts) | set(other.out_of_scope_counts))
@@ -215,7 +224,8 @@ class CellStats:
 
     def window(self) -> WindowStats:
         """As the model's drift report wants it."""
-        w = WindowStats(self.n_clusters, self.n_features)
+        w = WindowStats(self.n_clusters, self.n_features, self.ranks)
+        w.score_sum = self.score_sum.copy()
         w.cluster_counts = self.cluster_counts.copy()
         w.feature_sum = self.z_sum.copy()
         w.feature_sumsq = self.z_sumsq.copy()
@@ -488,7 +498,7 @@ def run_audit(
     n = 0
     for item in _checked(profiled, rows):
         row = rows[item.index]
-        cell = cells.setdefault(row.group, {}).setdefault(row.period, CellStats(k, d))
+        cell = cells.setdefault(row.group, {}).setdefault(row.period, CellStats(k, d, model.drift_ranks))
         if item.error is not None:
             cell.n_errors += 1
             errors.append((item.source, item.error))

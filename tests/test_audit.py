@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from monitor.audit import CellStats, find_changes, period_of, read_manifest
-from monitor.drift import DEFAULT_THRESHOLDS
+from monitor.drift import DEFAULT_THRESHOLDS, ReferenceRanks, WindowStats, feature_drift
 from monitor.errors import InvalidInputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,6 +114,28 @@ def test_a_short_segment_missing_a_skewed_features_tail_is_not_a_change() -> Non
             c.add(int(rng.choice(3, p=(0.5, 0.3, 0.2))), False, 0.3, z)
         periods[f"2025-{t + 1:02d}"] = c
     assert find_changes({("A",): periods}, NAMES, DEFAULT_THRESHOLDS) == []
+
+
+def test_cell_drift_reports_use_the_models_rank_tests_like_the_sidecars_windows() -> None:
+    """A cell's drift report is the one a sidecar window of the same images gets: rank-based
+    per-feature tests with the model's reference ranks (merging two cells too), not Welch's."""
+    rng = np.random.default_rng(3)
+    ranks = ReferenceRanks().fit(rng.standard_t(3, size=(400, len(NAMES))))
+    a, b = CellStats(3, len(NAMES), ranks), CellStats(3, len(NAMES), ranks)
+    window = WindowStats(3, len(NAMES), ranks)
+    for i in range(60):
+        z = rng.standard_t(3, size=len(NAMES))
+        z[1] += 0.8
+        (a if i < 30 else b).add(i % 3, False, 0.3, z)
+        window.add(i % 3, False, 0.3, z)
+    cell = a.merged(b).window()
+    assert cell.ranks is ranks
+    np.testing.assert_allclose(cell.score_sum, window.score_sum)
+    comps = ("spectral",) * len(NAMES)
+    got, want = feature_drift(cell, NAMES, comps, 400), feature_drift(window, NAMES, comps, 400)
+    assert [f.drifted for f in got] == [f.drifted for f in want] and got[1].drifted
+    np.testing.assert_allclose([f.p_value for f in got], [f.p_value for f in want], rtol=1e-9)
+    np.testing.assert_allclose([f.rank_shift for f in got], [f.rank_shift for f in want], rtol=1e-9)
 
 
 def test_an_out_of_scope_change_is_found_as_its_own_component() -> None:
