@@ -1,20 +1,22 @@
-"""Profile many image files in parallel, with an on-disk cache keyed by content.
+"""Profile many image files in parallel, with the on-disk profile cache keyed by content.
 
-The cache key is the sha256 of the file's bytes plus a digest of the profile
-specification, so a refit never recomputes a profile and a spec change never
-reuses a stale one. Cache entries are ``.npz`` files read with
-``allow_pickle=False``.
+The cache is the Parquet dataset of :class:`monitor.profilestore.ParquetProfileStore`
+under ``cache_dir`` (``<cache_dir>/profiles.parquet``), the same one Dask workers read and
+write: its key is the sha256 of the file's bytes plus a digest of the profile
+specification, so a refit never recomputes a profile, a spec change never reuses a stale
+one, and a local run reuses what a Dask run wrote and the other way round. (The ``.npz``
+files of earlier versions, ``<cache_dir>/profiles-<digest>/``, are no longer read.)
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from joblib import Parallel, delayed
@@ -22,42 +24,20 @@ from tqdm import tqdm
 
 from .errors import MonitorError
 from .imaging import DEFAULT_MAX_PIXELS, load_bytes
+from .parallel import ProfiledFile
 from .spectrum import SpectralProfiler
+from .types import ImageMeta
 
-__all__ = ["BatchResult", "ProfileCache", "default_cache_dir", "profile_files"]
+__all__ = ["BatchResult", "default_cache_dir", "iter_profiled_files", "profile_files"]
+
+# Files looked up and profiled together: bounds memory however many files there are.
+_CHUNK = 1024
 
 
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/cxr-monitor`` (``~/.cache/cxr-monitor``)."""
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "cxr-monitor"
-
-
-class ProfileCache:
-    """Profiles and image metadata on disk under ``root/<spec digest>/<sha[:2]>/<sha>.npz``."""
-
-    def __init__(self, root: str | os.PathLike, profiler: SpectralProfiler) -> None:
-        spec = json.dumps(profiler.spec(), sort_keys=True).encode()
-        self.root = Path(root) / ("profiles-" + hashlib.sha256(spec).hexdigest()[:16])
-
-    def _path(self, digest: str) -> Path:
-        return self.root / digest[:2] / f"{digest}.npz"
-
-    def get(self, digest: str) -> tuple[np.ndarray, dict] | None:
-        try:
-            with np.load(self._path(digest), allow_pickle=False) as z:
-                return z["features"], json.loads(str(z["meta"]))
-        except (OSError, KeyError, ValueError):
-            return None
-
-    def put(self, digest: str, features: np.ndarray, meta: dict) -> None:
-        path = self._path(digest)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        buf = io.BytesIO()
-        np.savez(buf, features=features, meta=np.array(json.dumps(meta)))
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(buf.getvalue())
-        tmp.replace(path)  # atomic: parallel writers of one key cannot leave a torn file
 
 
 @dataclass
@@ -78,26 +58,110 @@ class BatchResult:
 
 
 def _profile_one(
-    path: Path, profiler: SpectralProfiler, cache: ProfileCache | None, max_pixels: int, digest: str | None
-) -> tuple[np.ndarray | None, dict | None, str | None, bool]:
-    """Profile one file the cache did not hold (the caller looked it up, by ``digest``)."""
+    path: Path, profiler: SpectralProfiler, max_pixels: int
+) -> tuple[np.ndarray | None, ImageMeta | None, str | None]:
+    """Profile one file the cache did not hold: (features, meta, None) or (None, None, reason)."""
     try:
         data = path.read_bytes()
     except OSError as exc:
-        return None, None, f"{path}: cannot read ({exc.strerror})", False
-    if cache is not None and digest is None:
-        digest = hashlib.sha256(data).hexdigest()
+        return None, None, f"{path}: cannot read ({exc.strerror})"
     try:
         image = load_bytes(data, name=str(path), max_pixels=max_pixels)
         del data
-        features = profiler.profile_image(image)
+        return profiler.profile_image(image), image.meta, None
     except MonitorError as exc:
-        return None, None, str(exc), False
-    meta = image.meta.to_dict()
-    meta.pop("source", None)
-    if cache is not None and digest is not None:
-        cache.put(digest, features, meta)
-    return features, meta, None, False
+        return None, None, str(exc)
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None  # the profiling step reports the read error with its reason
+
+
+def iter_profiled_files(
+    paths: Iterable[str | os.PathLike],
+    profiler: SpectralProfiler,
+    *,
+    jobs: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[ProfiledFile]:
+    """Profile files in parallel (joblib processes), streamed back in input order.
+
+    Files go in chunks of 1024: the cache answers what it holds (hashing happens here,
+    starting a worker costs more than reading a profile), the workers profile the rest, and
+    new profiles are added to the cache. Memory is bounded by a chunk, not the number of files.
+
+    Parameters
+    ----------
+    paths : iterable of paths
+    jobs : int
+        Worker processes; 1 profiles in this process.
+    cache_dir : path, optional
+        Cache directory (see the module docstring); ``None`` disables caching.
+    progress : bool
+        Show a progress bar on stderr.
+
+    Yields
+    ------
+    ProfiledFile
+        One per path; ``source`` is ``str(path)``, failures carry their ``error``.
+    """
+    store: Any = None
+    if cache_dir is not None:
+        # pyarrow is loaded only by runs that cache: the core imports stay light.
+        from .profilestore import ParquetProfileStore
+
+        store = ParquetProfileStore.in_cache_dir(cache_dir, profiler.spec())
+    it = enumerate(Path(p) for p in paths)
+    bar = tqdm(desc="profiling", unit="img", disable=not progress, leave=False)
+    try:
+        while chunk := list(islice(it, _CHUNK)):
+            yield from _chunk(chunk, profiler, store, jobs, max_pixels, bar)
+    finally:
+        bar.close()
+        if store is not None:
+            store.flush()
+
+
+def _chunk(
+    chunk: list[tuple[int, Path]],
+    profiler: SpectralProfiler,
+    store: Any,
+    jobs: int,
+    max_pixels: int,
+    bar: Any,
+) -> Iterator[ProfiledFile]:
+    digests = [_digest(path) if store is not None else None for _, path in chunk]
+    hits = store.lookup(d for d in digests if d is not None) if store is not None else {}
+    todo = [j for j, d in enumerate(digests) if d is None or d not in hits]
+    if len(todo) < 8 or jobs == 1:
+        made = (_profile_one(chunk[j][1], profiler, max_pixels) for j in todo)
+    else:
+        # joblib keeps its worker processes between chunks (a reusable executor).
+        made = Parallel(n_jobs=jobs, return_as="generator", batch_size=4)(
+            delayed(_profile_one)(chunk[j][1], profiler, max_pixels) for j in todo
+        )
+    fresh = dict(zip(todo, made, strict=True)) if todo else {}
+    for j, (index, path) in enumerate(chunk):
+        bar.update(1)
+        source = str(path)
+        if j not in fresh:
+            features, meta = hits[digests[j]]  # type: ignore[index]
+            yield ProfiledFile(index, source, features, ImageMeta(**{**meta, "source": source}), cached=True)
+            continue
+        features, image_meta, error = fresh[j]
+        if error is not None:
+            yield ProfiledFile(index, source, None, None, error)
+            continue
+        if store is not None and digests[j] is not None:
+            meta = image_meta.to_dict()  # type: ignore[union-attr]
+            meta.pop("source", None)
+            store.add(digests[j], features, meta)
+        yield ProfiledFile(index, source, features, image_meta)
 
 
 def profile_files(
@@ -109,52 +173,26 @@ def profile_files(
     progress: bool = False,
     max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> BatchResult:
-    """Profile files in parallel (joblib processes); failures are collected, not raised.
+    """Profile files in parallel and collect them; failures are collected, not raised.
 
-    Parameters
-    ----------
-    jobs : int
-        Worker processes; 1 profiles in this process.
-    cache_dir : path, optional
-        Root of the profile cache; ``None`` disables caching.
-    progress : bool
-        Show a progress bar on stderr.
+    As :func:`iter_profiled_files` (same parameters), gathered into one
+    :class:`BatchResult`; for a number of files that does not fit in memory, iterate instead.
     """
     paths = [Path(p) for p in paths]
-    cache = ProfileCache(cache_dir, profiler) if cache_dir is not None else None
-    results: list[tuple[np.ndarray | None, dict | None, str | None, bool] | None] = [None] * len(paths)
-    digests: list[str | None] = [None] * len(paths)
-    bar = tqdm(total=len(paths), desc="profiling", unit="img", disable=not progress, leave=False)
-    if cache is not None:
-        # Answer cache hits here: starting worker processes costs more than reading a profile.
-        for i, path in enumerate(paths):
-            try:
-                digest = digests[i] = hashlib.sha256(path.read_bytes()).hexdigest()
-            except OSError:
-                continue  # the worker reports the read error with its reason
-            if (hit := cache.get(digest)) is not None:
-                results[i] = (hit[0], hit[1], None, True)
-                bar.update(1)
-    todo = [i for i, r in enumerate(results) if r is None]
-    if todo:
-        tasks = (delayed(_profile_one)(paths[i], profiler, cache, max_pixels, digests[i]) for i in todo)
-        n_jobs = 1 if len(todo) < 8 else jobs
-        runner = Parallel(n_jobs=n_jobs, return_as="generator", batch_size=4 if n_jobs != 1 else 1)
-        for i, result in zip(todo, runner(tasks), strict=True):
-            results[i] = result
-            bar.update(1)
     ok_paths, rows, metas, errors, hits = [], [], [], [], 0
-    for path, result in zip(paths, results, strict=True):
-        assert result is not None
-        features, meta, error, hit = result
-        if error is not None:
-            errors.append((path, error))
+    for item in iter_profiled_files(
+        paths, profiler, jobs=jobs, cache_dir=cache_dir, progress=progress, max_pixels=max_pixels
+    ):
+        path = paths[item.index]
+        if item.error is not None:
+            errors.append((path, item.error))
             continue
         ok_paths.append(path)
-        rows.append(features)
+        rows.append(item.profile)
+        meta = item.meta.to_dict()  # type: ignore[union-attr]
+        meta.pop("source", None)
         metas.append(meta)
-        hits += hit
-    bar.close()
+        hits += item.cached
     n_features = len(profiler.feature_names)
     profiles = np.vstack(rows) if rows else np.empty((0, n_features))
     return BatchResult(ok_paths, profiles, metas, errors, hits)

@@ -1,13 +1,15 @@
 """Profiling on a Dask cluster (``--scheduler``), with a shared Parquet profile cache.
 
-Only this module imports ``dask``/``distributed``/``pyarrow``/``fsspec``, and only the
-commands given ``--scheduler`` import it, so the numeric core and ``--help`` stay light.
+Only this module imports ``dask``/``distributed`` (pyarrow and fsspec come in with
+:mod:`monitor.profilestore`), and only the commands given ``--scheduler`` import it, so the
+numeric core and ``--help`` stay light.
 
 Each task profiles a small batch of sources (local paths or fsspec URLs, read on the
 worker) and returns profiles and metadata, never pixels. Dask re-runs the task of a worker
 that dies on another worker, and the client collects results in input order, so a killed
-worker loses nothing. Profiles are written to a :class:`ParquetProfileStore` keyed by
-content hash and spec digest, which every worker and a later fit reuse.
+worker loses nothing. Profiles are written to the
+:class:`~monitor.profilestore.ParquetProfileStore` keyed by content hash and spec digest,
+the profile cache every worker and every later run (local or on Dask) reuses.
 """
 
 from __future__ import annotations
@@ -17,30 +19,23 @@ import hashlib
 import json
 import logging
 import os
-import uuid
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from typing import Any
-
-import numpy as np
 
 from .defaults import DEFAULT_MAX_PIXELS
 from .errors import InvalidInputError, MonitorError
 from .imaging import load_bytes
 from .parallel import ProfiledFile
+from .profilestore import ParquetProfileStore, spec_digest
 from .spectrum import SpectralProfiler
 from .types import ImageMeta
 
-__all__ = ["DaskRunner", "ParquetProfileStore", "read_source", "spec_digest"]
+__all__ = ["DaskRunner", "read_source"]
 
 DEFAULT_BATCH = 8
 _WINDOW_PER_WORKER = 4
-
-
-def spec_digest(spec: dict[str, Any]) -> str:
-    """16 hex digits identifying a profile specification (what the features mean)."""
-    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def read_source(source: str) -> bytes:
@@ -54,71 +49,6 @@ def read_source(source: str) -> bytes:
         raise InvalidInputError(f"{source}: file not found") from None
     except (OSError, ValueError, ImportError) as exc:
         raise InvalidInputError(f"{source}: cannot read ({exc})") from exc
-
-
-class ParquetProfileStore:
-    """Profiles on disk as a Parquet dataset: ``root/spec=<digest>/part-<uuid>.parquet``.
-
-    Columns: ``sha256`` (of the file's bytes), ``features`` (list of float64), ``meta``
-    (JSON of the image metadata). Each writer adds whole files, written under a hidden name
-    and renamed, so concurrent workers never see a torn file; ``root`` may be any fsspec URL
-    that every worker can reach (a shared filesystem, an object store).
-    """
-
-    def __init__(self, root: str | os.PathLike, spec: dict[str, Any]) -> None:
-        from fsspec.core import url_to_fs
-
-        self.fs, base = url_to_fs(os.fspath(root))
-        self.spec = spec
-        self.path = f"{base.rstrip('/')}/spec={spec_digest(spec)}"
-
-    def lookup(self, digests: Iterable[str]) -> dict[str, tuple[np.ndarray, dict[str, Any]]]:
-        """The stored (features, meta) of each digest that is in the store."""
-        import pyarrow.compute as pc
-        import pyarrow.dataset as ds
-
-        wanted = sorted(set(digests))
-        if not wanted or not self.fs.exists(self.path):
-            return {}
-        dataset = ds.dataset(self.path, filesystem=self.fs, format="parquet")
-        table = dataset.to_table(filter=pc.field("sha256").isin(wanted))
-        out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-        for sha, feats, meta in zip(
-            table.column("sha256").to_pylist(),
-            table.column("features").to_pylist(),
-            table.column("meta").to_pylist(),
-            strict=True,
-        ):
-            out[sha] = (np.asarray(feats, dtype=np.float64), json.loads(meta))
-        return out
-
-    def write(self, rows: list[tuple[str, np.ndarray, dict[str, Any]]]) -> None:
-        """Add (sha256, features, meta) rows as one new Parquet file."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        if not rows:
-            return
-        table = pa.table(
-            {
-                "sha256": pa.array([r[0] for r in rows], pa.string()),
-                "features": pa.array(
-                    [np.asarray(r[1], np.float64).tolist() for r in rows], pa.list_(pa.float64())
-                ),
-                "meta": pa.array([json.dumps(r[2]) for r in rows], pa.string()),
-            }
-        )
-        self.fs.makedirs(self.path, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = f"{self.path}/.{name}.tmp"  # dataset discovery skips names starting with "."
-        pq.write_table(table, tmp, filesystem=self.fs)
-        self.fs.mv(tmp, f"{self.path}/{name}")
-
-    def read_all(self, columns: list[str] | None = None) -> Any:
-        """The whole store as a pyarrow Table (for fits that reuse it)."""
-        import pyarrow.dataset as ds
-
-        return ds.dataset(self.path, filesystem=self.fs, format="parquet").to_table(columns=columns)
 
 
 # Per worker process: one profiler per spec, built on the first task that needs it.
@@ -135,12 +65,16 @@ def _profiler(spec: dict[str, Any]) -> SpectralProfiler:
 def _profile_batch(
     batch: list[tuple[int, str]], spec_json: str, cache_root: str | None, max_pixels: int
 ) -> list[ProfiledFile]:
-    """Runs on a worker: read, hash, look up, profile what is missing, store it."""
+    """Runs on a worker: read, hash, look up, profile what is missing.
+
+    New profiles go back to the client with their digest, which adds them to the cache in
+    large writes (few files per cache partition, so lookups stay cheap).
+    """
     from threadpoolctl import threadpool_limits
 
     spec = json.loads(spec_json)
     profiler = _profiler(spec)
-    store = ParquetProfileStore(cache_root, spec) if cache_root is not None else None
+    store = ParquetProfileStore.in_cache_dir(cache_root, spec) if cache_root is not None else None
     data: dict[int, bytes] = {}
     digests: dict[int, str] = {}
     out: dict[int, ProfiledFile] = {}
@@ -152,14 +86,13 @@ def _profile_batch(
             continue
         digests[i] = hashlib.sha256(data[i]).hexdigest()
     hits = store.lookup(digests.values()) if store is not None else {}
-    new_rows = []
     with threadpool_limits(limits=1):
         for i, source in batch:
             if i in out:
                 continue
             if (hit := hits.get(digests[i])) is not None:
                 meta = ImageMeta(**{**hit[1], "source": source})
-                out[i] = ProfiledFile(i, source, hit[0], meta, None, cached=True)
+                out[i] = ProfiledFile(i, source, hit[0], meta, None, cached=True, digest=digests[i])
                 continue
             try:
                 image = load_bytes(data.pop(i), name=source, max_pixels=max_pixels)
@@ -167,10 +100,7 @@ def _profile_batch(
             except MonitorError as exc:
                 out[i] = ProfiledFile(i, source, None, None, str(exc))
                 continue
-            out[i] = ProfiledFile(i, source, profile, image.meta)
-            new_rows.append((digests[i], profile, dataclasses.asdict(image.meta)))
-    if store is not None:
-        store.write(new_rows)
+            out[i] = ProfiledFile(i, source, profile, image.meta, digest=digests[i])
     return [out[i] for i, _ in batch]
 
 
@@ -227,10 +157,11 @@ class DaskRunner:
         Parameters
         ----------
         cache_dir : path or URL, optional
-            Root of the :class:`ParquetProfileStore` (``<cache_dir>/profiles.parquet``); it must
-            be reachable from every worker. ``None``: no cache.
+            The cache directory whose :class:`~monitor.profilestore.ParquetProfileStore`
+            (``<cache_dir>/profiles.parquet``, the one local runs use too) the workers read and
+            write; it must be reachable from every worker. ``None``: no cache.
         """
-        root = None if cache_dir is None else f"{os.fspath(cache_dir).rstrip('/')}/profiles.parquet"
+        root = None if cache_dir is None else os.fspath(cache_dir)
         spec_json = json.dumps(spec)  # a plain string: a dict argument would be read as a task graph
         it = ((i, os.fspath(s)) for i, s in enumerate(sources))
 
@@ -249,18 +180,42 @@ class DaskRunner:
             if (future := submit()) is None:
                 break
             window.append(future)
-        return self._drain(window, submit)
+        store = None if root is None else ParquetProfileStore.in_cache_dir(root, spec)
+        return self._drain(window, submit, store)
 
-    def _drain(self, window: deque[Any], submit: Any) -> Iterator[ProfiledFile]:
+    def _drain(
+        self, window: deque[Any], submit: Any, store: ParquetProfileStore | None
+    ) -> Iterator[ProfiledFile]:
         try:
             while window:
                 done = window.popleft()
                 if (future := submit()) is not None:
                     window.append(future)
-                yield from done.result()
+                for item in done.result():
+                    if store is not None and not item.cached and item.digest is not None:
+                        meta = dataclasses.asdict(item.meta)
+                        meta.pop("source", None)
+                        store.add(item.digest, item.profile, meta)
+                    yield item
         finally:
             if window:
                 self.client.cancel(list(window))
+            if store is not None:
+                store.flush()
+
+    def map(self, function: Callable[[Any], Any], keys: list[Any]) -> Iterator[Any]:
+        """``function(key)`` for each key, run on the workers; results in key order.
+
+        What :meth:`monitor.model.ReliabilityModel.fit_streamed` gives as ``map_partitions``:
+        each task reads and summarises one partition where it runs, and only its small result
+        comes back.
+        """
+        futures = self.client.map(function, keys, pure=False)
+        try:
+            for future in futures:
+                yield future.result()
+        finally:
+            self.client.cancel(futures)
 
     def close(self) -> None:
         self.client.close()

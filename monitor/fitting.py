@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import csv
 import os
+import tempfile
 import time
+import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +20,11 @@ from typing import Any
 import numpy as np
 
 from .artifact import save_model
-from .batch import BatchResult, profile_files
+from .batch import iter_profiled_files
 from .clustering import SpectralClusterer
 from .defaults import DEFAULT_MAX_FIT_PROFILES
 from .errors import InvalidInputError
 from .model import ReliabilityModel
-from .scope import ScopeRules
 from .spectrum import DEFAULT_WORKING_SIZE, SpectralProfiler
 
 __all__ = ["FitReport", "Outcomes", "fit_folder", "read_outcomes"]
@@ -121,23 +122,6 @@ class FitReport:
     seconds: float = 0.0
 
 
-def _collect(stream: Any, n_features: int) -> BatchResult:
-    """A :class:`~monitor.batch.BatchResult` from a stream of ``ProfiledFile``."""
-    paths, rows, metas, errors, hits = [], [], [], [], 0
-    for item in stream:
-        if item.error is not None:
-            errors.append((item.source, item.error))
-            continue
-        paths.append(item.source)
-        rows.append(item.profile)
-        meta = item.meta.to_dict()
-        meta.pop("source", None)
-        metas.append(meta)
-        hits += item.cached
-    profiles = np.vstack(rows) if rows else np.empty((0, n_features))
-    return BatchResult(paths, profiles, metas, errors, hits)
-
-
 def fit_folder(
     images: str | os.PathLike,
     outcomes: str | os.PathLike,
@@ -193,7 +177,7 @@ def fit_folder(
     wisdom = Path(cache_dir) / "fftw-wisdom.txt" if cache_dir is not None and runner is None else None
     profiler = SpectralProfiler(working_size=working_size or DEFAULT_WORKING_SIZE, wisdom_path=wisdom)
     if runner is None:
-        batch = profile_files(
+        stream = iter_profiled_files(
             [images / name for name in table.images],
             profiler,
             jobs=jobs,
@@ -202,61 +186,86 @@ def fit_folder(
         )
     else:
         base = os.fspath(images).rstrip("/")
-        batch = _collect(
-            runner.profile_stream(
-                [f"{base}/{name}" for name in table.images], profiler.spec(), cache_dir=cache_dir
+        stream = runner.profile_stream(
+            [f"{base}/{name}" for name in table.images], profiler.spec(), cache_dir=cache_dir
+        )
+    # The fit set streams to Parquet as profiles arrive, so the client holds one partition at a
+    # time; with a runner and a shared cache directory its workers can read it too.
+    shared = runner is not None and cache_dir is not None
+    root = (
+        f"{os.fspath(cache_dir).rstrip('/')}/fits/{uuid.uuid4().hex}"
+        if shared
+        else tempfile.mkdtemp(prefix="cxr-monitor-fit-")
+    )
+    from .profilestore import ParquetFitSet  # pyarrow: only when fitting
+
+    writer = ParquetFitSet.writer(root, len(profiler.feature_names))
+    try:
+        errors, hits, n_failures = _write_fit_set(stream, table, writer)
+        fit_set = writer.close()
+        if errors and strict:
+            listing = "; ".join(reason for _, reason in errors[:5])
+            raise InvalidInputError(
+                f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}"
+            )
+        n_fitted = fit_set.n_rows
+        summary = {
+            "n_listed": len(table.images),
+            "n_fitted": n_fitted,
+            "n_failed_to_load": len(errors),
+            "n_failures": n_failures,
+            "failure_rate": n_failures / n_fitted if n_fitted else float("nan"),
+            "threshold": table.threshold,
+            "outcome_columns": "label+score" if table.labels is not None else "failure",
+        }
+        model = ReliabilityModel.fit_streamed(
+            fit_set,
+            profiler=profiler,
+            clusterer=SpectralClusterer(
+                n_clusters=n_clusters,
+                k_range=(2, k_max),
+                min_cluster_size=min_cluster_size,
+                random_state=seed,
             ),
-            len(profiler.feature_names),
+            threshold=table.threshold,
+            card={**(card or {}), "fit_data": summary, "seed": seed},
+            max_fit_profiles=max_fit_profiles,
+            map_partitions=runner.map if shared else None,
         )
-        index = {f"{base}/{name}": i for i, name in enumerate(table.images)}
-    errors = [(str(p), reason) for p, reason in batch.errors]
-    if errors and strict:
-        listing = "; ".join(reason for _, reason in errors[:5])
-        raise InvalidInputError(
-            f"{len(errors)} of {len(table.images)} images failed to load (--strict): {listing}"
-        )
-    if runner is None:
-        index = {images / name: i for i, name in enumerate(table.images)}
-    keep = np.array([index[p] for p in batch.paths], dtype=np.intp)
-    records = [
-        {
+    finally:
+        ParquetFitSet.remove_root(root)
+    model.scope = model.scope.with_overrides(**(scope_overrides or {}))
+    save_model(model, out)
+    return FitReport(model, Path(out), len(table.images), n_fitted, errors, hits, time.perf_counter() - t0)
+
+
+def _write_fit_set(stream: Any, table: Outcomes, writer: Any) -> tuple[list[tuple[str, str]], int, int]:
+    """Append each profiled image, with its outcome and record, to the fit set in input order.
+
+    Returns the (image, reason) of each image that failed, the cache hits and the failures.
+    """
+    errors: list[tuple[str, str]] = []
+    hits = n_failures = 0
+    for item in stream:
+        if item.error is not None:
+            errors.append((item.source, item.error))
+            continue
+        i = item.index
+        meta = item.meta.to_dict()
+        meta.pop("source", None)
+        record = {
             "image": table.images[i],
             **table.metadata[i],
-            **{f"img_{k}": v for k, v in m.items() if v is not None},
+            **{f"img_{k}": v for k, v in meta.items() if v is not None},
         }
-        for i, m in zip(keep, batch.metas, strict=True)
-    ]
-    summary = {
-        "n_listed": len(table.images),
-        "n_fitted": int(keep.size),
-        "n_failed_to_load": len(errors),
-        "n_failures": int(table.failures[keep].sum()),
-        "failure_rate": float(table.failures[keep].mean()) if keep.size else float("nan"),
-        "threshold": table.threshold,
-        "outcome_columns": "label+score" if table.labels is not None else "failure",
-    }
-    model = ReliabilityModel.fit(
-        batch.profiles,
-        table.failures[keep],
-        profiler=profiler,
-        clusterer=SpectralClusterer(
-            n_clusters=n_clusters, k_range=(2, k_max), min_cluster_size=min_cluster_size, random_state=seed
-        ),
-        labels=table.labels[keep] if table.labels is not None else None,
-        scores=table.scores[keep] if table.scores is not None else None,
-        threshold=table.threshold,
-        card={**(card or {}), "fit_data": summary, "seed": seed},
-        records=records,
-        scope=ScopeRules.learn(records).with_overrides(**(scope_overrides or {})),
-        max_fit_profiles=max_fit_profiles,
-    )
-    save_model(model, out)
-    return FitReport(
-        model,
-        Path(out),
-        len(table.images),
-        int(keep.size),
-        errors,
-        batch.cache_hits,
-        time.perf_counter() - t0,
-    )
+        failure = int(table.failures[i])
+        writer.append(
+            item.profile,
+            failure,
+            record,
+            label=None if table.labels is None else int(table.labels[i]),
+            score=None if table.scores is None else float(table.scores[i]),
+        )
+        hits += item.cached
+        n_failures += failure
+    return errors, hits, n_failures

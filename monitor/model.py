@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial, reduce
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,7 @@ from . import __version__
 from .clustering import SpectralClusterer, check_profiles
 from .drift import DEFAULT_THRESHOLDS, DriftThresholds, ReferenceRanks, WindowStats, drift_report
 from .errors import InvalidInputError
+from .fitset import ArrayFitSet, FitSet, PartitionStats, partition_stats
 from .reliability import ClusterCalibrator, ClusterFailureRates
 from .scope import ScopeRules
 from .spectrum import SpectralProfiler
@@ -123,9 +125,10 @@ class ReliabilityModel:
         max_fit_profiles : int, optional
             Above this many profiles, the clusters (standardisation, PCA, mixture, novelty
             scale) are fitted on a seeded random sample of this size, then every profile is
-            assigned in chunks for the failure rates, calibration, cluster statistics and
-            reference mix, so time and memory of the clustering stop growing with n. The
-            model then keeps only the sample's profiles and records (``card["fit_sample"]``).
+            assigned, partition by partition, for the failure rates, cluster statistics,
+            reference mix and novelty rate (:meth:`fit_streamed`, which this delegates to), so
+            time and memory of the clustering stop growing with n. The score calibration and
+            the kept profiles and records are the sample's (``card["fit_sample"]``).
         """
         X = check_profiles(profiles, len(profiler.feature_names))
         failures = np.asarray(failures)
@@ -133,28 +136,36 @@ class ReliabilityModel:
             raise InvalidInputError(f"failures must be {X.shape[0]} values of 0 or 1")
         if records is not None and len(records) != X.shape[0]:
             raise InvalidInputError(f"got {len(records)} records for {X.shape[0]} profiles")
-        clusterer = clusterer if clusterer is not None else SpectralClusterer()
-        if clusterer.cluster_features is None and not hasattr(clusterer, "components_"):
-            # Clusters describe the spectrum (their failure rates are what E1/E2 measure); the
-            # intensity component joins novelty and per-feature drift, where it adds sight.
-            clusterer.set_params(cluster_features=profiler.n_spectral)
         n = X.shape[0]
-        kept = np.arange(n)
         if max_fit_profiles is not None and n > max_fit_profiles:
-            rng = np.random.default_rng(clusterer.random_state)
-            kept = np.sort(rng.choice(n, size=max_fit_profiles, replace=False))
-        clusterer.fit(X[kept] if kept.size < n else X)
+            # One implementation of the sampled fit: the in-memory set is read like a streamed one.
+            fit_set = ArrayFitSet(
+                X,
+                failures,
+                labels=None if labels is None else np.asarray(labels),
+                scores=None if scores is None else np.asarray(scores, dtype=np.float64),
+                records=records,
+            )
+            return cls.fit_streamed(
+                fit_set,
+                profiler=profiler,
+                clusterer=clusterer,
+                prior_strength=prior_strength,
+                threshold=threshold,
+                drift_thresholds=drift_thresholds,
+                card=card,
+                scope=scope,
+                max_fit_profiles=max_fit_profiles,
+            )
+        clusterer = _prepared(clusterer, profiler)
+        clusterer.fit(X)
         # The assignment pass, in chunks: no n x d temporary beyond one chunk.
         chunks = [slice(i, min(i + _CHUNK, n)) for i in range(0, n, _CHUNK)]
         memberships = np.vstack([clusterer.predict_proba(X[c]) for c in chunks])
         hard = memberships.argmax(axis=1)
         k = clusterer.n_clusters_
         rates = ClusterFailureRates(n_clusters=k, prior_strength=prior_strength).fit(hard, failures)
-        calibrator = None
-        if labels is not None and scores is not None:
-            if threshold is None:
-                raise InvalidInputError("a decision threshold is needed to calibrate scores")
-            calibrator = ClusterCalibrator(threshold=threshold).fit(scores, labels, memberships)
+        calibrator = _calibrator(labels, scores, threshold, memberships)
         mean, std = _cluster_feature_stats(clusterer, X, hard, k, chunks)
         distance = np.concatenate([clusterer.novelty(X[c])[1] for c in chunks])
         ref_novel = float(np.mean(distance > clusterer.novelty_threshold_))
@@ -170,23 +181,114 @@ class ReliabilityModel:
             reference_failure_probability=float(np.mean(rates.predict_failure(memberships)[0])),
             drift_thresholds=drift_thresholds,
             card=dict(card or {}),
-            fit_profiles=X[kept] if kept.size < n else X,
-            fit_records=[
-                {
-                    **(records[i] if records is not None else {}),
-                    "cluster": int(hard[i]),
-                    "failure": int(failures[i]),
-                }
-                for i in kept
-            ],
+            fit_profiles=X,
+            fit_records=_fit_records(records, hard, failures),
         )
         model.scope = scope if scope is not None else ScopeRules.learn(model.fit_records)
         model.drift_ranks = ReferenceRanks().fit(np.vstack([clusterer.standardise(X[c]) for c in chunks]))
-        if kept.size < n:
-            model.card["fit_sample"] = {"n_profiles": n, "n_clustered": int(kept.size)}
-        model.card.setdefault("versions", library_versions())
-        model.card["model_id"] = model.fingerprint()
-        return model
+        return model._sealed()
+
+    @classmethod
+    def fit_streamed(
+        cls,
+        fit_set: FitSet,
+        *,
+        profiler: SpectralProfiler,
+        clusterer: SpectralClusterer | None = None,
+        prior_strength: float = 10.0,
+        threshold: float | None = None,
+        drift_thresholds: DriftThresholds = DEFAULT_THRESHOLDS,
+        card: dict[str, Any] | None = None,
+        scope: ScopeRules | None = None,
+        max_fit_profiles: int | None = None,
+        map_partitions: Callable[[Callable[[Any], PartitionStats], list[Any]], Iterable[PartitionStats]]
+        | None = None,
+    ) -> ReliabilityModel:
+        """Fit from a fit set read partition by partition: memory bounded by the sample, not n.
+
+        With at most ``max_fit_profiles`` rows (or ``None``) the whole set is read and the
+        result is exactly :meth:`fit`'s. Above it, the clusters (standardisation, PCA, mixture,
+        novelty scale) are fitted on a seeded sample of ``max_fit_profiles`` rows, the same
+        rows :meth:`fit` would draw; then every partition is assigned and summed by
+        :func:`~monitor.fitset.partition_stats` (cluster counts and failures for the rates,
+        soft-membership sums for the reference failure probability, novel counts for the
+        reference novelty rate, per-cluster feature means and spreads, header values for the
+        scope) and the sums are merged. The score calibration (1 + 2k coefficients) and the
+        drift tests' reference rank table (at most 4096 quantiles a feature) are fitted on the
+        sample; the model keeps the sample's profiles and records (``card["fit_sample"]``).
+
+        Parameters
+        ----------
+        fit_set : FitSet
+            Such as :class:`~monitor.fitset.ArrayFitSet` or
+            :class:`monitor.profilestore.ParquetFitSet`.
+        map_partitions : callable, optional
+            ``map_partitions(function, keys)`` returns ``function(key)`` for each key, in
+            order; default the builtin ``map`` (here, one partition at a time). A Dask
+            runner's runs them on its workers (:meth:`monitor.distributed.DaskRunner.map`).
+        scope : ScopeRules, optional
+            Default: learned from every row's record.
+        """
+        n = fit_set.n_rows
+        if n == 0:
+            raise InvalidInputError("profiles must be a non-empty 2-D array, got an empty fit set")
+        if max_fit_profiles is None or n <= max_fit_profiles:
+            every = fit_set.take(np.arange(n))
+            return cls.fit(
+                every.profiles,
+                every.failures,
+                profiler=profiler,
+                clusterer=clusterer,
+                prior_strength=prior_strength,
+                labels=every.labels,
+                scores=every.scores,
+                threshold=threshold,
+                drift_thresholds=drift_thresholds,
+                card=card,
+                records=every.records,
+                scope=scope,
+            )
+        clusterer = _prepared(clusterer, profiler)
+        rng = np.random.default_rng(clusterer.random_state)
+        sample = fit_set.take(np.sort(rng.choice(n, size=max_fit_profiles, replace=False)))
+        X = check_profiles(sample.profiles, len(profiler.feature_names))
+        if not np.isin(sample.failures, (0, 1)).all():
+            raise InvalidInputError("failures must be 0 or 1")
+        clusterer.fit(X)
+        task = partial(partition_stats, clusterer, fit_set)
+        stats = reduce(PartitionStats.merge, (map_partitions or map)(task, fit_set.partitions()))
+        k = clusterer.n_clusters_
+        rates = ClusterFailureRates(n_clusters=k, prior_strength=prior_strength)
+        rates.fit_counts(stats.counts, stats.failures)
+        memberships = clusterer.predict_proba(X)
+        hard = memberships.argmax(axis=1)
+        model = cls(
+            profiler=profiler,
+            clusterer=clusterer,
+            rates=rates,
+            calibrator=_calibrator(sample.labels, sample.scores, threshold, memberships),
+            cluster_feature_mean=stats.mean,
+            cluster_feature_std=stats.feature_std(),
+            reference_mix=stats.counts / stats.n,
+            reference_novelty_rate=max(stats.novel / stats.n, 1 - clusterer.novelty_quantile),
+            reference_failure_probability=float(stats.membership_sum @ rates.rate_ / stats.n),
+            drift_thresholds=drift_thresholds,
+            card=dict(card or {}),
+            fit_profiles=X,
+            fit_records=_fit_records(sample.records, hard, sample.failures),
+            scope=scope if scope is not None else stats.scope,
+        )
+        # The drift tests' reference table (at most 4096 quantiles a feature) from the sample's
+        # standardised profiles: a seeded sample of this size pins those quantiles closely.
+        model.drift_ranks = ReferenceRanks().fit(clusterer.standardise(X))
+        model.card["fit_sample"] = {"n_profiles": n, "n_clustered": int(X.shape[0])}
+        return model._sealed()
+
+    def _sealed(self) -> ReliabilityModel:
+        """Record the versions and the content id of a new fit."""
+        self.card.setdefault("versions", library_versions())
+        self.card["model_id"] = self.fingerprint()
+        return self
 
     def fingerprint(self) -> str:
         """Short content hash of the fitted state: identical fits give identical ids."""
@@ -307,6 +409,34 @@ class ReliabilityModel:
     def reference_size(self) -> int:
         """Number of reference (fit) images."""
         return int(self.clusterer.reference_distances_.size)
+
+
+def _prepared(clusterer: SpectralClusterer | None, profiler: SpectralProfiler) -> SpectralClusterer:
+    clusterer = clusterer if clusterer is not None else SpectralClusterer()
+    if clusterer.cluster_features is None and not hasattr(clusterer, "components_"):
+        # Clusters describe the spectrum (their failure rates are what E1/E2 measure); the
+        # intensity component joins novelty and per-feature drift, where it adds sight.
+        clusterer.set_params(cluster_features=profiler.n_spectral)
+    return clusterer
+
+
+def _calibrator(
+    labels: Any, scores: Any, threshold: float | None, memberships: np.ndarray
+) -> ClusterCalibrator | None:
+    if labels is None or scores is None:
+        return None
+    if threshold is None:
+        raise InvalidInputError("a decision threshold is needed to calibrate scores")
+    return ClusterCalibrator(threshold=threshold).fit(scores, labels, memberships)
+
+
+def _fit_records(
+    records: list[dict[str, Any]] | None, hard: np.ndarray, failures: np.ndarray
+) -> list[dict[str, Any]]:
+    return [
+        {**(records[i] if records is not None else {}), "cluster": int(hard[i]), "failure": int(failures[i])}
+        for i in range(len(hard))
+    ]
 
 
 def _cluster_feature_stats(

@@ -49,6 +49,7 @@ class ProfiledFile:
     meta : image metadata, or None on error
     error : the reason the image could not be profiled (names the file), or None
     cached : the profile came from a profile cache
+    digest : sha256 of the file's bytes, when the runner hashed it (to cache the profile)
     """
 
     index: int
@@ -57,6 +58,7 @@ class ProfiledFile:
     meta: ImageMeta | None
     error: str | None = None
     cached: bool = False
+    digest: str | None = None
 
 
 # One profiler per worker process, built once by the pool initializer.

@@ -124,8 +124,29 @@ class ClusterFailureRates(BaseEstimator):
         if labels.size == 0:
             raise InvalidInputError("cannot fit failure rates on zero images")
         k = self.n_clusters
-        self.counts_ = np.bincount(labels, minlength=k)
-        self.failures_ = np.bincount(labels, weights=failures, minlength=k).astype(np.intp)
+        return self.fit_counts(
+            np.bincount(labels, minlength=k), np.bincount(labels, weights=failures, minlength=k)
+        )
+
+    def fit_counts(self, counts: Any, failures: Any) -> ClusterFailureRates:
+        """Learn the rates from per-cluster image and failure counts, each of shape (n_clusters,).
+
+        What :meth:`fit` computes from labels; a fit that streams its profiles sums these
+        counts over partitions and never holds every label.
+        """
+        counts = np.asarray(counts)
+        failures = np.asarray(failures)
+        if counts.shape != (self.n_clusters,) or failures.shape != counts.shape:
+            raise InvalidInputError(
+                f"counts and failures must have shape ({self.n_clusters},), got {counts.shape} and {failures.shape}"
+            )
+        if counts.sum() == 0:
+            raise InvalidInputError("cannot fit failure rates on zero images")
+        if (failures < 0).any() or (failures > counts).any():
+            raise InvalidInputError("failure counts must lie between 0 and the cluster's image count")
+        k = self.n_clusters
+        self.counts_ = counts.astype(np.intp)
+        self.failures_ = failures.astype(np.intp)
         n, f = int(self.counts_.sum()), int(self.failures_.sum())
         self.global_rate_ = f / n
         g = min(max(self.global_rate_, 1e-6), 1 - 1e-6)

@@ -125,6 +125,15 @@ class ScopeRules:
             }
         )
 
+    def union(self, other: ScopeRules) -> ScopeRules:
+        """Rules accepting what either accepts (``None``, any value, wins): learned rules of two
+        parts of a fit set merge into those of the whole."""
+        merged = {}
+        for f in SCOPE_FIELDS:
+            a, b = getattr(self, _attr(f)), getattr(other, _attr(f))
+            merged[_attr(f)] = None if a is None or b is None else tuple(sorted(set(a) | set(b)))
+        return ScopeRules(**merged)  # type: ignore[arg-type]
+
     def with_overrides(
         self,
         *,

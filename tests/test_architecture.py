@@ -25,6 +25,7 @@ CORE = (
     "artifact",
     "batch",
     "fitting",
+    "fitset",
     "decoding",
     "defaults",
     "allocator",

@@ -1,4 +1,4 @@
-"""Tests for monitor.batch: profiling many files, per-file errors, the content-keyed profile cache."""
+"""Tests for monitor.batch: profiling many files, per-file errors, the content-keyed Parquet profile cache."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monitor.batch import BatchResult, ProfileCache, default_cache_dir, profile_files
+from monitor.batch import BatchResult, default_cache_dir, iter_profiled_files, profile_files
+from monitor.profilestore import ParquetProfileStore
 from monitor.spectrum import SpectralProfiler
 
 
@@ -56,9 +57,9 @@ def test_cache_second_run_hits_everything(
     assert np.array_equal(second.profiles, first.profiles)
     assert second.metas == first.metas
     assert second.paths == first.paths
-    entries = list(cache.rglob("*.npz"))
-    assert len(entries) == len(images)
-    assert not list(cache.rglob("*.tmp"))
+    store = ParquetProfileStore.in_cache_dir(cache, profiler.spec())
+    assert store.read_all().num_rows == len(images)
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("*.npz"))
 
 
 def test_cache_key_follows_content(images: list[Path], profiler: SpectralProfiler, tmp_path: Path) -> None:
@@ -82,7 +83,9 @@ def test_cache_key_follows_spec(images: list[Path], profiler: SpectralProfiler, 
     result = profile_files(images, other, cache_dir=cache)
     assert result.cache_hits == 0
     assert result.profiles.shape == (6, len(other.feature_names))
-    assert ProfileCache(cache, other).root != ProfileCache(cache, profiler).root
+    a = ParquetProfileStore.in_cache_dir(cache, other.spec())
+    b = ParquetProfileStore.in_cache_dir(cache, profiler.spec())
+    assert a.path != b.path
 
 
 def test_corrupt_cache_entry_is_recomputed(
@@ -90,8 +93,9 @@ def test_corrupt_cache_entry_is_recomputed(
 ) -> None:
     cache = tmp_path / "cache"
     first = profile_files(images[:2], profiler, cache_dir=cache)
-    for entry in cache.rglob("*.npz"):
-        entry.write_bytes(b"not an npz")
+    for entry in cache.rglob("*.parquet"):
+        if entry.is_file():
+            entry.write_bytes(b"not parquet")
     again = profile_files(images[:2], profiler, cache_dir=cache)
     assert again.cache_hits == 0
     assert np.array_equal(again.profiles, first.profiles)
@@ -134,3 +138,28 @@ def test_two_processes_match_one(images: list[Path], profiler: SpectralProfiler,
 def test_default_cache_dir(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     assert default_cache_dir() == tmp_path / "cxr-monitor"
+
+
+def test_an_old_npz_cache_is_ignored(images: list[Path], profiler: SpectralProfiler, tmp_path: Path) -> None:
+    """Caches of earlier versions (``profiles-<digest>/<sha[:2]>/<sha>.npz``) are neither read nor removed."""
+    cache = tmp_path / "cache"
+    old = cache / "profiles-0123456789abcdef" / "ab" / ("ab" + "0" * 62 + ".npz")
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"an old entry")
+    result = profile_files(images, profiler, cache_dir=cache)
+    assert result.cache_hits == 0 and result.errors == []
+    assert old.read_bytes() == b"an old entry"
+
+
+def test_streamed_in_input_order_across_chunks(
+    images: list[Path], profiler: SpectralProfiler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import monitor.batch
+
+    monkeypatch.setattr(monitor.batch, "_CHUNK", 4)  # 6 images: two chunks, the second half cached
+    cache = tmp_path / "cache"
+    profile_files(images[3:], profiler, cache_dir=cache)
+    items = list(iter_profiled_files(images, profiler, cache_dir=cache))
+    assert [i.index for i in items] == list(range(6))
+    assert [i.source for i in items] == [str(p) for p in images]
+    assert [i.cached for i in items] == [False] * 3 + [True] * 3

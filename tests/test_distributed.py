@@ -18,7 +18,8 @@ from monitor.spectrum import SpectralProfiler
 
 distributed = pytest.importorskip("distributed")
 
-from monitor.distributed import DaskRunner, ParquetProfileStore  # noqa: E402
+from monitor.distributed import DaskRunner  # noqa: E402
+from monitor.profilestore import ParquetProfileStore  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SPEC = SpectralProfiler(working_size=128).spec()
@@ -73,7 +74,7 @@ def test_dask_profiles_equal_local_ones_and_the_parquet_cache_is_reused(
     np.testing.assert_array_equal(first[11].profile, plain.profile)
     assert not any(r.cached for r in first[:10])
     assert all(r.cached for r in again[:10] + [again[11]])
-    table = ParquetProfileStore(tmp_path / "profiles.parquet", SPEC).read_all()
+    table = ParquetProfileStore.in_cache_dir(tmp_path, SPEC).read_all()
     # 11 distinct files; the file:// URL is the same content as a plain path: one row.
     assert table.num_rows == 11
     assert len(set(table.column("sha256").to_pylist())) == 11
