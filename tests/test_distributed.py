@@ -98,6 +98,53 @@ def test_distributed_fit_gives_the_same_model_as_a_local_fit(runner: DaskRunner,
     assert local.model.rates.to_json() == dask.model.rates.to_json()
 
 
+def test_local_and_dask_fits_share_one_profile_cache(runner: DaskRunner, nih, tmp_path: Path) -> None:
+    images, outcomes, _ = nih
+    kw = dict(k_max=3, min_cluster_size=0.1, seed=3, working_size=128)
+    dask_first = tmp_path / "dask-first"
+    dask = fit_folder(images, outcomes, tmp_path / "m1", cache_dir=dask_first, runner=runner, **kw)
+    local = fit_folder(images, outcomes, tmp_path / "m2", cache_dir=dask_first, jobs=1, **kw)
+    assert (dask.cache_hits, local.cache_hits) == (0, 40)
+    local_first = tmp_path / "local-first"
+    local = fit_folder(images, outcomes, tmp_path / "m3", cache_dir=local_first, jobs=1, **kw)
+    dask = fit_folder(images, outcomes, tmp_path / "m4", cache_dir=local_first, runner=runner, **kw)
+    assert (local.cache_hits, dask.cache_hits) == (0, 40)
+    assert dask.model.model_id == local.model.model_id
+    # The fits' temporary fit sets are gone; the cache is one Parquet dataset, nothing else.
+    assert not (local_first / "fits").exists() or not any((local_first / "fits").iterdir())
+    assert {p.suffix for p in local_first.rglob("*") if p.is_file()} <= {".parquet", ".txt"}
+
+
+def test_a_sampled_fit_assigns_partitions_on_the_workers(runner: DaskRunner, nih, tmp_path: Path) -> None:
+    from monitor.model import ReliabilityModel
+    from monitor.profilestore import ParquetFitSet
+
+    images, outcomes, _ = nih
+    kw = dict(k_max=3, min_cluster_size=0.1, seed=3, working_size=128, max_fit_profiles=25)
+    local = fit_folder(images, outcomes, tmp_path / "local", jobs=1, cache_dir=tmp_path / "c", **kw)
+    dask = fit_folder(images, outcomes, tmp_path / "dask", cache_dir=tmp_path / "c", runner=runner, **kw)
+    assert local.model.card["fit_sample"] == {"n_profiles": 40, "n_clustered": 25}
+    assert dask.model.model_id == local.model.model_id
+    assert dask.model.rates.to_json() == local.model.rates.to_json()
+    np.testing.assert_allclose(dask.model.cluster_feature_std, local.model.cluster_feature_std, atol=1e-12)
+    # The client reads only the sample: every partition is read and summed on a worker.
+    X = local.model.fit_profiles
+    writer = ParquetFitSet.writer(tmp_path / "fitset", X.shape[1], partition_rows=5)
+    for i, row in enumerate(np.vstack([X, X + 0.01])):
+        writer.append(row, i % 2, {"image": f"{i}.png"})
+    fit_set = writer.close()
+    from monitor.clustering import SpectralClusterer
+
+    model = ReliabilityModel.fit_streamed(
+        fit_set,
+        profiler=local.model.profiler,
+        clusterer=SpectralClusterer(n_clusters=2, random_state=0),
+        max_fit_profiles=20,
+        map_partitions=runner.map,
+    )
+    assert fit_set.rows_read == 20 and model.rates.counts_.sum() == 50
+
+
 def test_a_worker_killed_mid_run_loses_nothing(runner: DaskRunner, nih) -> None:
     _, _, files = nih
     sources = files[:30]
