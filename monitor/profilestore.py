@@ -25,6 +25,7 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 
@@ -85,7 +86,7 @@ class ParquetProfileStore:
         self.path = f"{base.rstrip('/')}/spec={spec_digest(spec)}"
         self.files_read = 0  # part files opened by lookups (for tests and the benchmark)
         self.buffer_rows = 8192
-        self.compact_at = 16
+        self.compact_at = 8
         self._buffer: list[tuple[str, np.ndarray, dict[str, Any]]] = []
 
     @classmethod
@@ -103,29 +104,42 @@ class ParquetProfileStore:
         by a crash of a foreign tool, say) is skipped with a warning, so its rows are
         recomputed.
         """
-        by_prefix: dict[str, set[str]] = defaultdict(set)
-        for d in digests:
-            by_prefix[d[:PREFIX_CHARS]].add(d)
+        wanted = sorted(set(digests))
+        files = [
+            part
+            for prefix in sorted({d[:PREFIX_CHARS] for d in wanted})
+            for part in _parts(self.fs, self._partition(prefix))
+        ]
+        self.files_read += len(files)
+        if not files:
+            return {}
+        row_filter = pc.field("sha256").isin(wanted)
+        try:
+            # One scan of every file concerned: pyarrow reads them concurrently.
+            tables = [ds.dataset(files, filesystem=self.fs, format="parquet").to_table(filter=row_filter)]
+        except (pa.ArrowException, OSError):
+            tables = self._read_each(files, row_filter)  # find and skip the bad file
         out: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}
-        for prefix, wanted in sorted(by_prefix.items()):
-            for part in _parts(self.fs, self._partition(prefix)):
-                try:
-                    table = pq.read_table(part, filesystem=self.fs, filters=pc.field("sha256").isin(wanted))
-                except FileNotFoundError:
-                    continue  # compacted away since the listing: its rows are in the merged file
-                except (pa.ArrowException, OSError) as exc:
-                    _log.warning("profile cache: skipping unreadable %s (%s)", part, exc)
-                    continue
-                finally:
-                    self.files_read += 1
-                for sha, feats, meta in zip(
-                    table.column("sha256").to_pylist(),
-                    table.column("features").to_pylist(),
-                    table.column("meta").to_pylist(),
-                    strict=True,
-                ):
-                    out[sha] = (np.asarray(feats, dtype=np.float64), json.loads(meta))
+        for table in tables:
+            for sha, feats, meta in zip(
+                table.column("sha256").to_pylist(),
+                table.column("features").to_pylist(),
+                table.column("meta").to_pylist(),
+                strict=True,
+            ):
+                out[sha] = (np.asarray(feats, dtype=np.float64), json.loads(meta))
         return out
+
+    def _read_each(self, files: list[str], row_filter: Any) -> list[pa.Table]:
+        tables = []
+        for part in files:
+            try:
+                tables.append(pq.read_table(part, filesystem=self.fs, filters=row_filter))
+            except FileNotFoundError:
+                continue  # compacted away since the listing: its rows are in the merged file
+            except (pa.ArrowException, OSError) as exc:
+                _log.warning("profile cache: skipping unreadable %s (%s)", part, exc)
+        return tables
 
     def write(self, rows: list[tuple[str, np.ndarray, dict[str, Any]]]) -> None:
         """Add (sha256, features, meta) rows now: one new file per partition they fall in, and
