@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sized
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -116,8 +116,9 @@ def iter_profiled_files(
         from .profilestore import ParquetProfileStore
 
         store = ParquetProfileStore.in_cache_dir(cache_dir, profiler.spec())
+    total = len(paths) if isinstance(paths, Sized) else None
     it = enumerate(Path(p) for p in paths)
-    bar = tqdm(desc="profiling", unit="img", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="profiling", unit="img", disable=not progress, leave=False)
     try:
         while chunk := list(islice(it, _CHUNK)):
             yield from _chunk(chunk, profiler, store, jobs, max_pixels, bar)

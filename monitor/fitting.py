@@ -144,23 +144,31 @@ def fit_folder(
 ) -> FitReport:
     """Profile the listed images, fit a :class:`ReliabilityModel` and save it to ``out``.
 
-    The model's scope (header allow-lists) is learned from the fitted images' headers
-    (:meth:`ScopeRules.learn`); ``scope_overrides`` replaces lists by field (``modalities``,
-    ``body_parts``, ``view_positions``), each as text such as ``"CR,DX"`` or ``"*"``.
+    The profiles stream, as they arrive, into a Parquet fit set
+    (:class:`monitor.profilestore.ParquetFitSet`) that
+    :meth:`ReliabilityModel.fit_streamed` reads partition by partition, so memory is bounded
+    by ``max_fit_profiles`` rather than the number of images (the outcomes table itself is
+    read whole). The model's scope (header allow-lists) is learned from the fitted images'
+    headers (:meth:`ScopeRules.learn`); ``scope_overrides`` replaces lists by field
+    (``modalities``, ``body_parts``, ``view_positions``), each as text such as ``"CR,DX"`` or ``"*"``.
 
     Parameters
     ----------
     images : path or URL
         Folder of the images; an fsspec URL (``s3://bucket/refset``) with a ``runner``.
+    cache_dir : path or URL, optional
+        The profile cache directory (:class:`monitor.profilestore.ParquetProfileStore`),
+        shared by local and ``runner`` fits; ``None``: no cache.
     runner : object, optional
         Profiles on other machines instead of local processes: anything with
         ``profile_stream(sources, spec, cache_dir=...)`` yielding
-        :class:`~monitor.parallel.ProfiledFile` in input order, such as
-        :class:`monitor.distributed.DaskRunner` (its cache is a Parquet dataset under
-        ``cache_dir``). Images are then named by ``images + "/" + image``.
+        :class:`~monitor.parallel.ProfiledFile` in input order and ``map(function, keys)``,
+        such as :class:`monitor.distributed.DaskRunner`. Images are then named by
+        ``images + "/" + image``. With a ``cache_dir`` (which its workers must reach), the fit
+        set is written under ``<cache_dir>/fits/`` and its partitions assigned on the workers.
     max_fit_profiles : int, optional
         Cluster a seeded sample of this many profiles when there are more, then assign all
-        (see :meth:`ReliabilityModel.fit`); ``None``: always cluster every profile.
+        (see :meth:`ReliabilityModel.fit_streamed`); ``None``: always cluster every profile.
 
     Raises
     ------

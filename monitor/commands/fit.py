@@ -137,8 +137,9 @@ def register(sub: Any) -> None:
         type=int,
         default=DEFAULT_MAX_FIT_PROFILES,
         metavar="N",
-        help="above N profiles, fit the clusters on a seeded sample of N and then assign every "
-        f"profile (bounded time and memory); 0 = never sample (default: {DEFAULT_MAX_FIT_PROFILES})",
+        help="above N profiles, fit the clusters on a seeded sample of N, then assign every profile "
+        "partition by partition (on the Dask workers with --scheduler and a shared --cache-dir): time "
+        f"and memory bounded by N; 0 = never sample (default: {DEFAULT_MAX_FIT_PROFILES})",
     )
     p.add_argument("--k-max", type=int, default=10, help="largest cluster count tried by auto (default: 10)")
     p.add_argument(
@@ -153,8 +154,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--cache-dir",
         default=None,
-        help="profile cache (default: ~/.cache/cxr-monitor); with --scheduler a Parquet dataset under "
-        "it, at a path or fsspec URL every worker can reach",
+        help="profile cache: a Parquet dataset under it, shared by local and --scheduler runs (default: "
+        "~/.cache/cxr-monitor); with --scheduler a path or fsspec URL every worker can reach",
     )
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the profile cache")
     p.add_argument("--strict", action="store_true", help="abort if any image fails to load")
