@@ -210,7 +210,7 @@ writer.close()
 """
 
 FIT_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import numpy as np
 from threadpoolctl import threadpool_limits
 threadpool_limits(1)
@@ -218,6 +218,9 @@ from monitor.artifact import load_model
 from monitor.clustering import SpectralClusterer
 from monitor.model import ReliabilityModel
 from monitor.profilestore import ParquetFitSet
+def peak_mb():  # VmHWM: this process's own peak (ru_maxrss keeps the forking parent's across exec)
+    line = next(l for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    return int(line.split()[1]) / 1024
 cap, model, root, scheduler = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
 labels_out = sys.argv[5] if len(sys.argv) > 5 else None
 profiler = load_model(model).profiler
@@ -226,14 +229,13 @@ if scheduler != "none":
     from monitor.distributed import DaskRunner
     runner = DaskRunner.connect(scheduler, n_workers=2)
 fit_set = ParquetFitSet(root)
-rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+rss0 = peak_mb()
 t0 = time.perf_counter()
 m = ReliabilityModel.fit_streamed(fit_set, profiler=profiler, clusterer=SpectralClusterer(random_state=0),
                                   max_fit_profiles=cap or None, map_partitions=runner.map if runner else None)
 sec = time.perf_counter() - t0
 out = {"n": fit_set.n_rows, "cap": cap, "scheduler": scheduler, "seconds": sec, "k": m.n_clusters,
-       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-       "rss_before_fit_mb": rss0 / 1024, "profiles_mb": fit_set.n_rows * len(profiler.feature_names) * 8 / 2**20,
+       "peak_rss_mb": peak_mb(), "rss_before_fit_mb": rss0, "profiles_mb": fit_set.n_rows * len(profiler.feature_names) * 8 / 2**20,
        "rows_read_by_client": fit_set.rows_read}
 if runner is not None:
     runner.close()
@@ -282,22 +284,21 @@ def bench_fit(sizes: list[int], cap: int, quality_n: int, quality_cap: int, dask
             if n == dask_n:
                 rows.append(_fit_child(root, cap, "local"))
             shutil.rmtree(root)
+        if quality_n == 0:
+            return {"cap": cap, "rows": rows}
         root = f"{tmp}/quality"
         _generate(quality_n, root)
         full = _fit_child(root, 0, labels_out=f"{tmp}/full.npy")
         sampled = _fit_child(root, quality_cap, labels_out=f"{tmp}/sampled.npy")
         ari = float(adjusted_rand_score(np.load(f"{tmp}/full.npy"), np.load(f"{tmp}/sampled.npy")))
-    return {
-        "cap": cap,
-        "rows": rows,
-        "quality": {
-            "n": quality_n,
-            "cap": quality_cap,
-            "full": full,
-            "sampled": sampled,
-            "adjusted_rand_index": ari,
-        },
+    quality = {
+        "n": quality_n,
+        "cap": quality_cap,
+        "full": full,
+        "sampled": sampled,
+        "adjusted_rand_index": ari,
     }
+    return {"cap": cap, "rows": rows, "quality": quality}
 
 
 def _old_lookup(path: str, wanted: list[str]) -> int:
@@ -462,7 +463,9 @@ def write_md(res: dict[str, Any]) -> str:
                 for r in f["rows"]
             ],
             "",
-            f"Quality cost of the sample at N = {q['n']:.0e}: full fit k = {q['full']['k']} in "
+            f"Quality cost of the sample at N = {q['n']:.0e}"
+            f"{_measured({'measured': f['quality_measured']}) if 'quality_measured' in f else ''}: "
+            f"full fit k = {q['full']['k']} in "
             f"{q['full']['seconds']:.1f} s (peak {q['full']['peak_rss_mb']:.0f} MB), fit on a sample of "
             f"{q['cap']}: k = {q['sampled']['k']} in {q['sampled']['seconds']:.1f} s; adjusted Rand index "
             f"of their clusterings of all N profiles {q['adjusted_rand_index']:.3f}; mean log-likelihood "
@@ -489,7 +492,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--dask-n", type=int, default=1_000_000, help="also fit this size with a 2-worker LocalCluster"
     )
-    ap.add_argument("--quality-n", type=int, default=30_000)
+    ap.add_argument("--quality-n", type=int, default=30_000, help="0: keep the last quality result")
     ap.add_argument("--quality-cap", type=int, default=10_000)
     args = ap.parse_args(argv)
     parts = args.parts.split(",")
@@ -506,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     if "fit" in parts:
         sizes = [int(s) for s in args.sizes.split(",")]
         fit = bench_fit(sizes, args.cap, args.quality_n, args.quality_cap, args.dask_n)
+        if "quality" not in fit:  # --quality-n 0: keep the previous quality measurement
+            fit["quality"] = res["fit"]["quality"]
+            fit["quality_measured"] = res["fit"].get("quality_measured", res["fit"]["measured"])
         res["fit"] = {**fit, "measured": _stamp()}
     RESULTS.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(res, indent=1))
