@@ -466,7 +466,7 @@ def write_md(res: dict[str, Any]) -> str:
             f"Quality cost of the sample at N = {q['n']:.0e}"
             f"{_measured({'measured': f['quality_measured']}) if 'quality_measured' in f else ''}: "
             f"full fit k = {q['full']['k']} in "
-            f"{q['full']['seconds']:.1f} s (peak {q['full']['peak_rss_mb']:.0f} MB), fit on a sample of "
+            f"{q['full']['seconds']:.1f} s, fit on a sample of "
             f"{q['cap']}: k = {q['sampled']['k']} in {q['sampled']['seconds']:.1f} s; adjusted Rand index "
             f"of their clusterings of all N profiles {q['adjusted_rand_index']:.3f}; mean log-likelihood "
             f"of all profiles {q['full']['mean_log_likelihood']:.3f} (full) vs "
