@@ -10,6 +10,7 @@ import pytest
 from test_model import THRESHOLD, synthetic_fit_data
 
 from monitor.clustering import SpectralClusterer
+from monitor.drift import ReferenceRanks
 from monitor.errors import InvalidInputError
 from monitor.fitset import ArrayFitSet, FitPartition
 from monitor.model import ReliabilityModel
@@ -95,6 +96,9 @@ def test_streamed_fit_equals_an_in_memory_computation_of_the_same_sample_and_ass
     assert model.reference_failure_probability == pytest.approx(expected_p, rel=1e-12)
     calibrator = ClusterCalibrator(threshold=THRESHOLD).fit(scores[kept], labels[kept], memberships[kept])
     np.testing.assert_allclose(model.calibrator.coef_, calibrator.coef_)
+    np.testing.assert_array_equal(
+        model.drift_ranks.table_, ReferenceRanks().fit(ref.standardise(X[kept])).table_
+    )
     np.testing.assert_array_equal(model.fit_profiles, X[kept])
     assert [r["image"] for r in model.fit_records] == [records[i]["image"] for i in kept]
     assert [r["cluster"] for r in model.fit_records] == hard[kept].tolist()
