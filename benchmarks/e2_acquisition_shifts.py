@@ -7,15 +7,22 @@ wrong decision at p >= 0.5. The spectral ReliabilityModel is fitted out-of-fold 
 on the test set's profiles and failures, and we measure whether its clusters and scores
 single out the failures and the shifted images, against baselines (random partitions,
 intensity-statistics clusters, the classifier's confidence, and the combined calibrated
-score).
+score). A second part asks whether the monitor flags each shift at all: a model fitted on
+clean kermany/train watches 100-image windows of kermany/test, every image shifted
+(per-image novelty and drift verdicts per component; the clean condition gives false alarms).
+The key rows are compared with an earlier run (default: the v1 results, profile spec 1.x).
 
-Run from the repository root (defaults: all 7 shifts x 3 levels + mixed + clean, 1 seed,
-2 jobs; about 10 minutes on 2 cores with a cold feature cache)::
+Run from the repository root (defaults: all 15 shifts of benchmarks/shifts.py x 3 levels +
+clean + two mixtures, 1 seed, 2 jobs)::
 
     .venv/bin/python benchmarks/e2_acquisition_shifts.py [--seeds 3] [--jobs 2]
-        [--shifts blur,jpeg] [--levels strong] [--fraction 0.3] [--folds 5]
+        [--shifts blur,jpeg] [--levels strong] [--fraction 0.3] [--folds 5] [--windows 50]
 
-Writes benchmarks/results/e2_acquisition_shifts.{md,json} and e2_*.png.
+Each image is decoded once and profiled once per condition (cached on disk); each
+(condition, seed) evaluation is cached under a hash of its inputs and the code, so a rerun
+with more seeds computes only the new seeds.
+
+Writes benchmarks/results/e2_acquisition_shifts.{md,json} and e2_auroc.png.
 """
 
 from __future__ import annotations
@@ -39,24 +46,36 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.drift_baselines import intensity_statistics, thumbnail  # noqa: E402
-from benchmarks.shifts import LEVEL_NAMES, LEVELS, OUTPUT_BITS, SHIFTS, apply_shift  # noqa: E402
+from benchmarks.shifts import LEVEL_NAMES, LEVELS, OUTPUT_BITS, PHOTOMETRIC, SHIFTS, apply_shift  # noqa: E402
 from monitor.clustering import SpectralClusterer  # noqa: E402
 from monitor.imaging import load_image  # noqa: E402
 from monitor.model import ReliabilityModel  # noqa: E402
 from monitor.reliability import ClusterCalibrator, ClusterFailureRates, cramers_v  # noqa: E402
-from monitor.spectrum import SpectralProfiler  # noqa: E402
+from monitor.spectrum import SPEC_VERSION, SpectralProfiler  # noqa: E402
 
 __all__ = [
     "CLEAN",
+    "MIXES",
+    "V1_KINDS",
     "classifier_features",
     "conditions",
     "featurize_files",
     "fit_classifier",
     "kermany_files",
+    "monitor_flags",
+    "v1_comparison",
 ]
 
 CLEAN = ("clean", "none")
 FEATURE_VERSION = "e23-v1"  # bump when shifts, statistics or classifier features change
+EVAL_VERSION = "e2-eval-2"  # bump when evaluate_condition or _run_one change what they compute
+V1_KINDS = ("blur", "sharpen", "noise", "jpeg", "resample", "gamma", "grid")
+"""The shift kinds of the v1 run (profile spec 1.x); ``mixed`` draws from these, as it did then."""
+MIXES: dict[str, tuple[str, ...]] = {"mixed": V1_KINDS, "mixed_photometric": PHOTOMETRIC}
+"""Mixed conditions: each shifted image gets a random (kind, level) among these kinds."""
+V1_COMPARED = ("clean", "blur", "sharpen", "noise", "jpeg", "resample", "grid", "mixed")
+"""Rows compared with the v1 results (gamma's levels changed from 0.8/0.6/0.4 to 0.9/0.8/0.7)."""
+WINDOW = 100
 DEFAULT_DATA = ROOT.parent / "shared" / "data"
 DEFAULT_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cxr-monitor" / "bench-e23"
 RESULTS = ROOT / "benchmarks" / "results"
@@ -325,15 +344,22 @@ def evaluate_condition(
     return out
 
 
-def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, mixed_plan):  # noqa: ANN001, ANN202
+def _mix_choices(name: str, feats_idx: dict[tuple[str, str], int]) -> list[tuple[str, str]]:
+    """The shifted conditions a mixed condition draws from (those of its kinds that were featurized)."""
+    return [c for c in feats_idx if c != CLEAN and c[0] in MIXES[name]]
+
+
+def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, cache_dir, code):  # noqa: ANN001, ANN202
     n = len(y)
     rng = np.random.default_rng(seed)
     shifted = np.zeros(n, dtype=int)
     if cond != CLEAN:
         shifted[rng.choice(n, int(round(fraction * n)), replace=False)] = 1
     col = np.zeros(n, dtype=int)  # condition column of each image
-    if cond == ("mixed", "mixed"):
-        choices = [c for c in feats_idx if c != CLEAN]
+    plan = None
+    if cond[0] in MIXES:
+        choices = _mix_choices(cond[0], feats_idx)
+        plan = [f"{k}/{lv}" for k, lv in choices]
         pick = rng.integers(0, len(choices), n)
         col = np.array([feats_idx[choices[j]] for j in pick])
     elif cond != CLEAN:
@@ -343,11 +369,109 @@ def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, mixed_plan):  
     P = F["profile"][rows, col]
     S = F["stats"][rows, col]
     p = p_all[rows, col]
-    res = evaluate_condition(P, S, p, y, shifted, folds, seed)
+    # The result is a function of these inputs, the folds, the seed and the code: cache it under
+    # their hash, so more seeds or a rerun after an interruption only compute what is missing.
+    h = hashlib.sha256(json.dumps([EVAL_VERSION, code, folds, seed]).encode())
+    for a in (P, S, p, y, shifted):
+        h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
+    path = None if cache_dir is None else Path(cache_dir) / "e2-runs" / f"{h.hexdigest()[:20]}.json"
+    if path is not None and path.exists():
+        res = json.loads(path.read_text())
+    else:
+        res = evaluate_condition(P, S, p, y, shifted, folds, seed)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
     res.update({"kind": cond[0], "level": cond[1], "seed": seed})
-    if cond == ("mixed", "mixed"):
-        res["mixed_conditions"] = mixed_plan
+    if plan is not None:
+        res["mixed_conditions"] = plan
     return res
+
+
+def _code_version() -> str:
+    """Hash of the code a cached evaluation depends on (its functions here and the monitor's estimators).
+
+    Called in the main process: joblib's workers receive this script's functions pickled by value,
+    without their source.
+    """
+    import inspect
+
+    import monitor
+
+    h = hashlib.sha256()
+    for fn in (evaluate_condition, _cluster_rates, _blind_spot_pr, auroc):
+        h.update(inspect.getsource(fn).encode())
+    for name in ("clustering.py", "reliability.py", "model.py", "spectrum.py"):
+        h.update((Path(monitor.__file__).parent / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- monitor flags
+
+
+def monitor_flags(
+    P: np.ndarray,
+    failures: np.ndarray,
+    y: np.ndarray,
+    conds: list[tuple[str, str]],
+    *,
+    n_windows: int = 50,
+    window: int = WINDOW,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """Does the monitor flag each condition? Per-image novelty and window drift verdicts.
+
+    The test set is split in two halves, stratified by label (seeded): a model is fitted on
+    the clean profiles and the classifier's failures of one half (the reference), and the
+    other half is held out. For each condition every held-out image is scored as shifted,
+    and ``n_windows`` seeded windows of ``window`` distinct held-out images, all under that
+    condition, get a drift report. The clean condition gives the false-alarm rates.
+
+    Parameters
+    ----------
+    P : ndarray of shape (n_test, n_conditions, n_features)
+        Profiles of the test images under each condition of ``conds`` (column 0 clean).
+    failures : ndarray of shape (n_test,), 0/1
+        The classifier's failures on the clean images.
+    y : ndarray of shape (n_test,)
+        Labels, for the stratified split.
+
+    Returns
+    -------
+    list of dict, one per condition: ``novel_rate`` (share of held-out images flagged
+    ``is_novel``), ``window_flagged`` (share of windows with a drift verdict) and
+    ``component_flagged`` (share per component).
+    """
+    from sklearn.model_selection import train_test_split
+
+    ref, held = train_test_split(np.arange(len(y)), test_size=0.5, stratify=y, random_state=seed)
+    model = ReliabilityModel.fit(
+        P[ref, 0], failures[ref], profiler=SpectralProfiler(), clusterer=SpectralClusterer(random_state=seed)
+    )
+    out = []
+    for j, (kind, level) in enumerate(conds):
+        X = P[held, j]
+        res = model.score(X)
+        z = model.standardise(X)
+        rng = np.random.default_rng([seed, j])
+        verdicts, components = [], {}
+        for _ in range(n_windows):
+            w = model.new_window()
+            for i in rng.choice(len(held), min(window, len(held)), replace=False):
+                r = res[i]
+                w.add(r.cluster, r.is_novel, r.cluster_failure_probability, z[i])
+            rep = model.drift(w)
+            verdicts.append(rep.drift)
+            for name, fired in rep.components.items():
+                components.setdefault(name, []).append(bool(fired))
+        out.append({
+            "kind": kind, "level": level, "n_reference": len(ref), "n_held_out": len(held),
+            "n_windows": n_windows, "window": window, "reference_k": model.n_clusters,
+            "novel_rate": float(np.mean([r.is_novel for r in res])),
+            "window_flagged": float(np.mean(verdicts)),
+            "component_flagged": {k: float(np.mean(v)) for k, v in components.items()},
+        })  # fmt: skip
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,12 +485,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--shifts", default=",".join(SHIFTS), help="comma-separated shift kinds (default all)")
     ap.add_argument("--levels", default=",".join(LEVEL_NAMES), help="comma-separated levels (default all)")
+    ap.add_argument(
+        "--windows",
+        type=int,
+        default=50,
+        help=f"drift windows of {WINDOW} test images per condition for the monitor's flags (default 50)",
+    )
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        default=RESULTS / "e2_acquisition_shifts_v1.json",
+        help="earlier results to compare key rows with (default: the v1 results)",
+    )
     ap.add_argument("--replot", action="store_true", help="rewrite md and png from the saved json only")
     args = ap.parse_args(argv)
+    previous = json.loads(args.compare.read_text()) if args.compare and args.compare.exists() else None
     if args.replot:
         saved = json.loads((args.out / "e2_acquisition_shifts.json").read_text())
         summary = summarise(saved["runs"])
-        write_markdown(args.out / "e2_acquisition_shifts.md", saved["meta"], saved["classifier"], summary)
+        write_markdown(args.out / "e2_acquisition_shifts.md", saved["meta"], saved["classifier"], summary,
+                       saved.get("flags", []), previous)  # fmt: skip
         plot(args.out, summary)
         return 0
     # One BLAS thread here; joblib's workers get one each too: the parallelism is over images/conditions.
@@ -385,6 +523,7 @@ def main(argv: list[str] | None = None) -> int:
                           with_classifier=True)  # fmt: skip
     Fte = featurize_files(test_files, conds, tag="kermany-test", jobs=args.jobs, cache_dir=args.cache_dir,
                           with_classifier=True)  # fmt: skip
+    t_feat = time.perf_counter() - t0
     clf = fit_classifier(Ftr["clf"][:, 0], y_train)
     n_te, n_c, d = Fte["clf"].shape
     p_all = clf.predict_proba(Fte["clf"].reshape(-1, d))[:, 1].reshape(n_te, n_c)
@@ -404,14 +543,27 @@ def main(argv: list[str] | None = None) -> int:
         })  # fmt: skip
     print(f"  classifier clean accuracy {classifier[0]['accuracy']:.3f}, AUROC {classifier[0]['auroc']:.3f}",
           file=sys.stderr)  # fmt: skip
-    mixed_plan = [f"{k}/{lv}" for k, lv in conds if (k, lv) != CLEAN]
-    runs = conds + [("mixed", "mixed")] if len(conds) > 2 else conds
-    tasks = [(c, s) for c in runs for s in range(args.seeds)]
+    mixes = [(m, "mixed") for m in MIXES if len(_mix_choices(m, feats_idx)) > 1]
+    runs = conds + mixes
+    # Seed-major: seed 0 finishes first (each task is cached, so an interrupted run resumes).
+    tasks = [(c, s) for s in range(args.seeds) for c in runs]
+    t1 = time.perf_counter()
+    code = _code_version()
     results = Parallel(n_jobs=args.jobs)(
-        delayed(_run_one)(c, s, feats_idx, Fte, y_test, p_all, args.fraction, args.folds, mixed_plan)
+        delayed(_run_one)(
+            c, s, feats_idx, Fte, y_test, p_all, args.fraction, args.folds, args.cache_dir, code
+        )
         for c, s in tasks
     )
+    t_eval = time.perf_counter() - t1
     summary = summarise(results)
+    # Does the monitor flag each condition? A model fitted on one clean half of kermany/test
+    # watches windows of the other half. (kermany/train is no fair reference: its classes are
+    # balanced, the test set's are 234/390, which alone moves the cluster mix.)
+    t1 = time.perf_counter()
+    f_clean = ((p_all[:, 0] >= 0.5).astype(int) != y_test).astype(int)
+    flags = monitor_flags(Fte["profile"], f_clean, y_test, conds, n_windows=args.windows)
+    t_flags = time.perf_counter() - t1
     meta = {
         "experiment": "E2 acquisition shifts with known ground truth",
         "classifier": "HOG (16 px cells, 9 bins, per-cell L2) + 32x32 pixels -> StandardScaler -> "
@@ -422,15 +574,25 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": args.seeds,
         "levels": {k: LEVELS[k] for k in kinds},
         "n_test": int(len(y_test)),
+        "profile_spec": SPEC_VERSION,
+        "mixes": {m: list(MIXES[m]) for m, _ in mixes},
+        "windows": args.windows,
+        "window": WINDOW,
         "seconds": round(time.perf_counter() - t0, 1),
+        "seconds_features": round(t_feat, 1),
+        "seconds_evaluation": round(t_eval, 1),
+        "seconds_flags": round(t_flags, 1),
         "command": "python benchmarks/e2_acquisition_shifts.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "e2_acquisition_shifts.json").write_text(
-        json.dumps({"meta": meta, "classifier": classifier, "summary": summary, "runs": results}, indent=1)
+        json.dumps(
+            {"meta": meta, "classifier": classifier, "summary": summary, "flags": flags, "runs": results},
+            indent=1,
+        )
     )
-    write_markdown(args.out / "e2_acquisition_shifts.md", meta, classifier, summary)
+    write_markdown(args.out / "e2_acquisition_shifts.md", meta, classifier, summary, flags, previous)
     plot(args.out, summary)
     print(f"E2 done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
@@ -492,7 +654,14 @@ def _f(x: dict[str, float], digits: int = 2) -> str:
     return f"{x['mean']:.{digits}f}±{x['sd']:.{digits}f}"
 
 
-def write_markdown(path: Path, meta: dict, classifier: list[dict], summary: list[dict]) -> None:
+def write_markdown(
+    path: Path,
+    meta: dict,
+    classifier: list[dict],
+    summary: list[dict],
+    flags: list[dict] | None = None,
+    previous: dict | None = None,
+) -> None:
     L = [
         "# E2: acquisition shifts with known ground truth (Kermany)",
         "",
@@ -500,8 +669,22 @@ def write_markdown(path: Path, meta: dict, classifier: list[dict], summary: list
         f"Test set: kermany/test ({meta['n_test']} images); in each condition a seeded "
         f"{meta['fraction_shifted']:.0%} subset is shifted. Spectral model and baselines fitted "
         f"{meta['folds']}-fold out-of-fold on the test set; mean±sd over {meta['seeds']} seeds "
-        "(subset, folds, clustering). Regenerate: `" + meta["command"].strip() + "` "
-        f"({meta['seconds']:.0f} s).",
+        "(subset, folds, clustering). Profile spec "
+        f"{meta.get('profile_spec', '1.x')}: clusters on the spectral component, novelty on every feature. "
+        "Regenerate: `" + meta["command"].strip() + "` "
+        f"({_timing(meta)}).",
+        "",
+        "Shifts (benchmarks/shifts.py; strength per level mild / moderate / strong): "
+        + "; ".join(f"{k} {'/'.join(f'{v:g}' for v in lv.values())}" for k, lv in meta["levels"].items())
+        + ". Photometric: bright/dark = gain x, contrast_up/down = factor around the image mean (both clipped "
+        "to 8 bits), gamma = exponent < 1 (brighter mid-tones), gamma_dark = exponent > 1, voi = a narrower "
+        "window (relative width) centred on mid-range, stored as 16-bit data, equalize = blend with the "
+        "globally equalised image, clahe = clip limit with 8x8 tiles. "
+        + "; ".join(
+            f"{m} = one random (kind, level) per shifted image among {', '.join(k)}"
+            for m, k in meta.get("mixes", {"mixed": list(V1_KINDS)}).items()
+        )
+        + ".",
         "",
         "## Does each shift hurt the classifier? (all 624 test images shifted)",
         "",
@@ -520,7 +703,8 @@ def write_markdown(path: Path, meta: dict, classifier: list[dict], summary: list
         "spectral = cluster failure rate of the ReliabilityModel (label-free at scoring time); "
         "combined = the model's per-cluster calibrated score (uses the classifier's probability); "
         "novelty = the model's novelty (share of the fit set closer to the reference centre); "
-        "intensity = same clusterer on 10 intensity statistics; random = random partition with the "
+        "intensity = baseline: the same clusterer on 10 generic intensity statistics (not the model's "
+        "intensity component); random = random partition with the "
         "spectral k; confidence = 1 - 2|p - 0.5|; confidence_cal = global logistic calibration of p "
         "(the combined score without clusters).",
         "",
@@ -566,7 +750,126 @@ def write_markdown(path: Path, meta: dict, classifier: list[dict], summary: list
         "images (its shifted columns are undefined).",
         "",
     ]
+    if flags:
+        L += _flags_markdown(flags, classifier)
+    if previous:
+        L += _comparison_markdown(v1_comparison(previous, summary, classifier), previous["meta"])
     path.write_text("\n".join(L))
+
+
+def _timing(meta: dict) -> str:
+    if "seconds_evaluation" not in meta:
+        return f"{meta['seconds']:.0f} s"
+    return (
+        f"{meta['seconds']:.0f} s on 2 shared cores: features {meta['seconds_features']:.0f} s, "
+        f"out-of-fold evaluation {meta['seconds_evaluation']:.0f} s, monitor flags {meta['seconds_flags']:.0f} s; "
+        "features and per-(condition, seed) evaluations are cached, so adding seeds computes only the new ones"
+    )
+
+
+def _flags_markdown(flags: list[dict], classifier: list[dict]) -> list[str]:
+    harm = {(c["kind"], c["level"]): c for c in classifier}
+    comps = sorted({k for f in flags for k in f["component_flagged"]})
+    f0 = flags[0]
+    L = [
+        "## Does the monitor flag it? (reference: one clean half of kermany/test; the other half shifted)",
+        "",
+        f"A model is fitted on the clean profiles and classifier failures of a seeded half of kermany/test "
+        f"({f0['n_reference']} images, stratified by label; k = {f0['reference_k']}); the other "
+        f"{f0['n_held_out']} images are held out and shifted, all of them, under each condition. novel = share "
+        f"of held-out images flagged `is_novel`; windows flagged = share of {f0['n_windows']} seeded windows of "
+        f"{f0['window']} distinct held-out images with a drift verdict, then per component. The clean row is "
+        "the false-alarm rate. Drift thresholds are the model's defaults (monitor/drift.py). kermany/train is "
+        "not used as the reference: its classes are balanced where the test set's are 234/390, and that alone "
+        "moves the cluster mix (in a trial run all 5 clean test windows were flagged against it).",
+        "",
+        "| shift | level | classifier failure rate (clean 0.218) | novel | windows flagged | "
+        + " | ".join(comps)
+        + " |",
+        "|---|---|---|---|---|" + "---|" * len(comps),
+    ]
+    for f in flags:
+        c = harm[(f["kind"], f["level"])]
+        L.append(
+            f"| {f['kind']} | {f['level']} | {c['failure_rate']:.3f} | {f['novel_rate']:.2f} | "
+            f"{f['window_flagged']:.2f} | "
+            + " | ".join(f"{f['component_flagged'].get(k, float('nan')):.2f}" for k in comps)
+            + " |"
+        )
+    L.append("")
+    return L
+
+
+def v1_comparison(previous: dict, summary: list[dict], classifier: list[dict]) -> list[dict[str, Any]]:
+    """Key numbers of the rows in :data:`V1_COMPARED`, earlier results beside these ones.
+
+    Each entry has ``kind``, ``level`` and, per quantity, ``(before, after)`` means.
+    """
+    before = {(r["kind"], r["level"]): r for r in previous["summary"]}
+    after = {(r["kind"], r["level"]): r for r in summary}
+    acc_b = {(c["kind"], c["level"]): c["accuracy"] for c in previous.get("classifier", [])}
+    acc_a = {(c["kind"], c["level"]): c["accuracy"] for c in classifier}
+    quantities = {
+        "accuracy": lambda r, key, acc: acc.get(key, float("nan")),
+        "failure_auroc_spectral": lambda r, key, acc: r["auroc_failure"]["spectral"]["mean"],
+        "failure_auroc_combined": lambda r, key, acc: r["auroc_failure"]["combined"]["mean"],
+        "shifted_auroc_spectral": lambda r, key, acc: r["auroc_shifted"]["spectral"]["mean"],
+        "shifted_auroc_novelty": lambda r, key, acc: r["auroc_shifted"]["novelty"]["mean"],
+        "blind_spot_precision": lambda r, key, acc: r["spectral_blind_spot_shifted_oof"]["precision"]["mean"],
+        "blind_spot_recall": lambda r, key, acc: r["spectral_blind_spot_shifted_oof"]["recall"]["mean"],
+        "cramers_v_shifted": lambda r, key, acc: r["spectral_in_sample"]["cramers_v_shifted"]["mean"],
+        "cramers_v_failure": lambda r, key, acc: r["spectral_in_sample"]["cramers_v_failure"]["mean"],
+    }
+    out = []
+    for key in after:
+        if key[0] not in V1_COMPARED or key not in before:
+            continue
+        row: dict[str, Any] = {"kind": key[0], "level": key[1]}
+        for q, get in quantities.items():
+            row[q] = (float(get(before[key], key, acc_b)), float(get(after[key], key, acc_a)))
+        out.append(row)
+    return out
+
+
+def _comparison_markdown(rows: list[dict], previous_meta: dict) -> list[str]:
+    def pair(v: tuple[float, float]) -> str:
+        b, a = (("–" if not np.isfinite(x) else f"{x:.2f}") for x in v)
+        return f"{b} → {a}"
+
+    L = [
+        "## v1 → v2: the rows that existed before (profile spec 1.x → 2.0)",
+        "",
+        f"Before: {previous_meta.get('source', 'earlier results')}, {previous_meta['seeds']} seed(s); after: this "
+        "run (means over its seeds). Spectral failure AUROC and blind spots come from the clusters, which now "
+        "see the 31 spectral features, as in v1 (whose whole profile they were); novelty now sees all 42 "
+        "(31 spectral + 11 intensity). gamma is left out: its levels changed (v1: exponents 0.8 / 0.6 / 0.4). The v1 mixed row drew "
+        "from the v1 gamma levels too.",
+        "",
+        "| shift | level | accuracy | failure AUROC spectral | combined | shifted AUROC spectral | novelty "
+        "| blind spot OOF prec | rec | V(cluster×shifted) | V(cluster×failure) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        L.append(
+            f"| {r['kind']} | {r['level']} | "
+            + " | ".join(
+                pair(r[q])
+                for q in (
+                    "accuracy",
+                    "failure_auroc_spectral",
+                    "failure_auroc_combined",
+                    "shifted_auroc_spectral",
+                    "shifted_auroc_novelty",
+                    "blind_spot_precision",
+                    "blind_spot_recall",
+                    "cramers_v_shifted",
+                    "cramers_v_failure",
+                )
+            )
+            + " |"
+        )
+    L.append("")
+    return L
 
 
 def plot(out: Path, summary: list[dict]) -> None:
@@ -577,10 +880,11 @@ def plot(out: Path, summary: list[dict]) -> None:
 
     rows = summary
     labels = [
-        f"{r['kind']}\n{r['level']}" if r["kind"] not in ("mixed", "clean") else r["kind"] for r in rows
+        f"{r['kind']}\n{r['level']}" if r["kind"] not in (*MIXES, "clean") else r["kind"].replace("_", "\n")
+        for r in rows
     ]
     x = np.arange(len(rows))
-    fig, axes = plt.subplots(2, 1, figsize=(15, 8.5), sharex=True)
+    fig, axes = plt.subplots(2, 1, figsize=(max(15, 0.45 * len(rows)), 8.5), sharex=True)
     colours = {"spectral": "C0", "combined": "C1", "novelty": "C5", "intensity": "C2", "random": "0.6", "confidence": "C3",
                "confidence_cal": "C4"}  # fmt: skip
     width = 0.12
@@ -610,7 +914,7 @@ def plot(out: Path, summary: list[dict]) -> None:
     ax2.legend(loc="upper right", fontsize=9)
     lo, hi = float(np.nanmin(fr)), float(np.nanmax(fr))  # clean has no shifted part (nan)
     ax2.set_ylim(lo - 0.02, hi + 0.35 * (hi - lo) + 0.02)
-    axes[1].set_xticks(x, labels, fontsize=8)
+    axes[1].set_xticks(x, labels, fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "e2_auroc.png", dpi=110)
     plt.close(fig)
