@@ -371,3 +371,54 @@ def test_cluster_description_names_intensity_changes_in_plain_words() -> None:
     assert "darker images" in findings["intensity_mean_of_range"].meaning
     assert "of the stored range" in findings["intensity_mean_of_range"].change
     assert "clipping at the bright end" in findings["intensity_log_share_at_max"].meaning
+
+
+# Plain words a reader should find for each photometric change (benchmarks/shifts.py, strong level).
+_PHOTOMETRIC_WORDS = {
+    "bright": "brightness",
+    "dark": "brightness",
+    "contrast_up": "contrast",
+    "contrast_down": "contrast",
+    "gamma": "gamma",
+    "gamma_dark": "gamma",
+    "equalize": "equalisation",
+    "clahe": "CLAHE",
+}
+
+
+def _field_images(rng: np.random.Generator, n: int, smooth: float) -> list[np.ndarray]:
+    """Smooth random 128x128 images with the same bright-heavy 8-bit grey-level distribution."""
+    from scipy import ndimage, special
+
+    out = []
+    for _ in range(n):
+        f = ndimage.gaussian_filter(rng.normal(size=(128, 128)), smooth, mode="wrap")
+        u = 0.5 * (1 + special.erf((f - f.mean()) / (f.std() * np.sqrt(2))))
+        out.append((10 + 230 * u**0.6).astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("kind", sorted(_PHOTOMETRIC_WORDS))
+def test_cluster_description_names_photometric_shifts(kind: str) -> None:
+    # Two spectrally different groups with the same grey levels; the second then gets the
+    # photometric shift. One of its cluster's three strongest intensity findings must name it.
+    from benchmarks.shifts import apply_shift
+
+    rng = np.random.default_rng(7)
+    profiler = SpectralProfiler(working_size=128)
+    clean = _field_images(rng, 20, smooth=1.5)
+    shifted = [apply_shift(x, kind, "strong") for x in _field_images(rng, 20, smooth=5.0)]
+    X = np.array([profiler.profile(x, bits_stored=8) for x in clean + shifted])
+    model = ReliabilityModel.fit(
+        X,
+        np.zeros(len(X), dtype=int),
+        profiler=profiler,
+        clusterer=SpectralClusterer(n_clusters=2, random_state=0),
+    )
+    labels = model.clusterer.predict(X)
+    cluster = int(np.bincount(labels[20:], minlength=2).argmax())
+    assert np.mean(labels[20:] == cluster) == 1.0 and np.mean(labels[:20] == cluster) == 0.0
+    intensity = [f for f in describe_cluster(model, cluster).findings if f.key.startswith("intensity_")]
+    assert intensity, f"{kind}: no intensity finding"
+    top = [f.text for f in intensity[:3]]
+    assert any(_PHOTOMETRIC_WORDS[kind] in t for t in top), (kind, top)

@@ -275,60 +275,75 @@ def _scalar_finding(name: str, z: float, mine: float, ref: float) -> Finding | N
 
 
 # name → (what it is, meaning when higher, meaning when lower); the spec's intensity component.
+# The causes named are those that moved each feature in that direction when benchmarks/shifts.py's
+# photometric shifts were applied to kermany/test (benchmarks/e2_acquisition_shifts.py): brightness
+# (gain), contrast, gamma (display curve), window, equalisation and CLAHE. Equalisation and CLAHE
+# move the quartile positions and the skewness toward those of a flat histogram, so the direction
+# depends on the images' own histogram; both directions name them.
+_EVENING = "histogram equalisation or CLAHE evening out the grey levels"
 _INTENSITY_WORDS: dict[str, tuple[str, str, str]] = {
     "intensity_mean_of_range": (
         "mean grey level",
-        "brighter images: higher exposure or gain, a brighter window or display curve",
-        "darker images: lower exposure or gain, a darker window or display curve",
+        "brighter images: brightness up (higher exposure or gain), a brighter window, "
+        "or a brighter display curve (gamma below 1)",
+        "darker images: brightness down (lower exposure or gain), a darker window, "
+        "or a darker display curve (gamma above 1)",
     ),
     "intensity_std_of_range": (
         "grey-level spread",
-        "more global contrast: a narrower window or a steeper processing curve",
-        "less global contrast: a wider window or a flatter processing curve",
+        "more global contrast: a contrast increase, higher gain (brightness up), a narrower window "
+        "or histogram equalisation",
+        "less global contrast: a contrast decrease, lower gain (brightness down), a wider window "
+        "or a flatter processing curve",
     ),
     "intensity_p01_of_range": (
         "darkest 1% level",
-        "raised blacks: less contrast at the dark end or a lifted window",
-        "deeper blacks: more contrast at the dark end",
+        "raised blacks: a contrast decrease, a lifted window or a brighter display curve (gamma below 1)",
+        "deeper blacks: a contrast increase, a narrower window or histogram equalisation",
     ),
     "intensity_p99_of_range": (
         "brightest 1% level",
-        "brighter highlights: more exposure, gain or contrast",
-        "dimmer highlights: less exposure, gain or contrast",
+        "brighter highlights: brightness up (more exposure or gain), a contrast increase, "
+        "or histogram equalisation / CLAHE stretching to the top of the range",
+        "dimmer highlights: brightness down (less exposure or gain) or a contrast decrease",
     ),
     "intensity_quantile_position_25": (
         "lower-quartile position within the grey range",
-        "lifted shadows: a gamma below 1 or histogram equalisation",
-        "darker shadows: a gamma above 1",
+        f"lifted shadows: a brighter display curve (gamma below 1), or {_EVENING}",
+        f"darker shadows: a darker display curve (gamma above 1), a contrast increase that clips, or {_EVENING}",
     ),
     "intensity_quantile_position_50": (
         "median position within the grey range",
-        "brighter mid-tones: a gamma below 1 or another display curve",
-        "darker mid-tones: a gamma above 1 or another display curve",
+        f"brighter mid-tones: a brighter display curve (gamma below 1), or {_EVENING}",
+        f"darker mid-tones: a darker display curve (gamma above 1), or {_EVENING}",
     ),
     "intensity_quantile_position_75": (
         "upper-quartile position within the grey range",
-        "brighter upper mid-tones: a gamma below 1 or another display curve",
-        "darker upper mid-tones: a gamma above 1",
+        f"brighter upper mid-tones: a brighter display curve (gamma below 1), or {_EVENING}",
+        f"darker upper mid-tones: a darker display curve (gamma above 1), or {_EVENING}",
     ),
     "intensity_skewness": (
         "skewness of the grey levels",
-        "more grey levels piled at the dark end with a bright tail",
-        "more grey levels piled at the bright end with a dark tail",
+        "grey levels piled toward the dark end with a bright tail: a darker display curve (gamma above 1), "
+        f"a contrast increase, or {_EVENING}",
+        f"grey levels piled toward the bright end with a dark tail: a brighter display curve (gamma below 1), "
+        f"or {_EVENING}",
     ),
     "intensity_histogram_entropy": (
         "evenness of the grey-level histogram",
-        "flatter histogram: histogram equalisation or strong local contrast processing",
-        "more peaked histogram: a narrower tonal range",
+        "flatter histogram: histogram equalisation or CLAHE (adaptive local equalisation)",
+        "more peaked histogram: clipping (brightness or contrast pushed past the range), "
+        "a narrower window or a display curve (gamma) crowding the grey levels",
     ),
     "intensity_log_share_at_min": (
         "share of pixels at the darkest value",
-        "clipping at the dark end (a window or gain pushing pixels to black)",
+        "clipping at the dark end: a contrast increase or a narrower window pushing pixels to black",
         "fewer pixels clipped to black",
     ),
     "intensity_log_share_at_max": (
         "share of pixels at the brightest value",
-        "clipping at the bright end (saturation: too much exposure, gain or contrast)",
+        "clipping at the bright end (saturation): brightness up (too much exposure or gain), "
+        "a contrast increase, a narrower window or histogram equalisation",
         "fewer pixels saturated to white",
     ),
 }
