@@ -381,7 +381,9 @@ def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, cache_dir, cod
         res = evaluate_condition(P, S, p, y, shifted, folds, seed)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(res))
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(res))
+            tmp.replace(path)  # atomic: an interrupted run never leaves half a result behind
     res.update({"kind": cond[0], "level": cond[1], "seed": seed})
     if plan is not None:
         res["mixed_conditions"] = plan
