@@ -375,7 +375,8 @@ def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, cache_dir, cod
     for a in (P, S, p, y, shifted):
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes())
     path = None if cache_dir is None else Path(cache_dir) / "e2-runs" / f"{h.hexdigest()[:20]}.json"
-    if path is not None and path.exists():
+    cached = path is not None and path.exists()
+    if cached:
         res = json.loads(path.read_text())
     else:
         res = evaluate_condition(P, S, p, y, shifted, folds, seed)
@@ -384,7 +385,7 @@ def _run_one(cond, seed, feats_idx, F, y, p_all, fraction, folds, cache_dir, cod
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(res))
             tmp.replace(path)  # atomic: an interrupted run never leaves half a result behind
-    res.update({"kind": cond[0], "level": cond[1], "seed": seed})
+    res.update({"kind": cond[0], "level": cond[1], "seed": seed, "from_cache": bool(cached)})
     if plan is not None:
         res["mixed_conditions"] = plan
     return res
@@ -506,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
         saved = json.loads((args.out / "e2_acquisition_shifts.json").read_text())
         summary = summarise(saved["runs"])
         write_markdown(args.out / "e2_acquisition_shifts.md", saved["meta"], saved["classifier"], summary,
-                       saved.get("flags", []), previous)  # fmt: skip
+                       saved.get("flags", []), previous, saved["runs"])  # fmt: skip
         plot(args.out, summary)
         return 0
     # One BLAS thread here; joblib's workers get one each too: the parallelism is over images/conditions.
@@ -584,6 +585,8 @@ def main(argv: list[str] | None = None) -> int:
         "seconds_features": round(t_feat, 1),
         "seconds_evaluation": round(t_eval, 1),
         "seconds_flags": round(t_flags, 1),
+        "evaluations_computed": sum(not r["from_cache"] for r in results),
+        "evaluations_total": len(results),
         "command": "python benchmarks/e2_acquisition_shifts.py "
         + " ".join(argv if argv is not None else sys.argv[1:]),
     }
@@ -594,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
             indent=1,
         )
     )
-    write_markdown(args.out / "e2_acquisition_shifts.md", meta, classifier, summary, flags, previous)
+    write_markdown(args.out / "e2_acquisition_shifts.md", meta, classifier, summary, flags, previous, results)
     plot(args.out, summary)
     print(f"E2 done in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0
@@ -663,6 +666,7 @@ def write_markdown(
     summary: list[dict],
     flags: list[dict] | None = None,
     previous: dict | None = None,
+    runs: list[dict] | None = None,
 ) -> None:
     L = [
         "# E2: acquisition shifts with known ground truth (Kermany)",
@@ -755,17 +759,23 @@ def write_markdown(
     if flags:
         L += _flags_markdown(flags, classifier)
     if previous:
-        L += _comparison_markdown(v1_comparison(previous, summary, classifier), previous["meta"])
+        rows = v1_comparison(previous, summary, classifier, runs)
+        L += _comparison_markdown(rows, previous["meta"], meta["seeds"])
     path.write_text("\n".join(L))
 
 
 def _timing(meta: dict) -> str:
     if "seconds_evaluation" not in meta:
         return f"{meta['seconds']:.0f} s"
+    if "evaluations_computed" in meta:
+        reuse = f"{meta['evaluations_computed']} of {meta['evaluations_total']} evaluations computed, the rest read"
+    else:
+        reuse = "evaluations already cached were read, not recomputed"
     return (
-        f"{meta['seconds']:.0f} s on 2 shared cores: features {meta['seconds_features']:.0f} s, "
-        f"out-of-fold evaluation {meta['seconds_evaluation']:.0f} s, monitor flags {meta['seconds_flags']:.0f} s; "
-        "features and per-(condition, seed) evaluations are cached, so adding seeds computes only the new ones"
+        f"wall time of this invocation {meta['seconds']:.0f} s on 2 shared cores: features "
+        f"{meta['seconds_features']:.0f} s, out-of-fold evaluation {meta['seconds_evaluation']:.0f} s ({reuse} "
+        f"from the cache), monitor flags {meta['seconds_flags']:.0f} s; features and per-(condition, seed) "
+        "evaluations are cached, so adding seeds computes only the new ones"
     )
 
 
@@ -802,50 +812,70 @@ def _flags_markdown(flags: list[dict], classifier: list[dict]) -> list[str]:
     return L
 
 
-def v1_comparison(previous: dict, summary: list[dict], classifier: list[dict]) -> list[dict[str, Any]]:
+def v1_comparison(
+    previous: dict, summary: list[dict], classifier: list[dict], runs: list[dict] | None = None
+) -> list[dict[str, Any]]:
     """Key numbers of the rows in :data:`V1_COMPARED`, earlier results beside these ones.
 
-    Each entry has ``kind``, ``level`` and, per quantity, ``(before, after)`` means.
+    Each entry has ``kind``, ``level`` and, per quantity, ``(before, after_same_seeds,
+    after_mean, after_sd)``: the earlier mean, this run's mean over the seeds the earlier run
+    used (from ``runs``; the same subsets, folds and clusterings, so equal values mean nothing
+    changed) and this run's mean and sd over all its seeds.
     """
+    n_before = int(previous["meta"].get("seeds", 1))
+    same = {(r["kind"], r["level"]): r for r in summarise([r for r in runs or [] if r["seed"] < n_before])}
     before = {(r["kind"], r["level"]): r for r in previous["summary"]}
     after = {(r["kind"], r["level"]): r for r in summary}
     acc_b = {(c["kind"], c["level"]): c["accuracy"] for c in previous.get("classifier", [])}
     acc_a = {(c["kind"], c["level"]): c["accuracy"] for c in classifier}
     quantities = {
-        "accuracy": lambda r, key, acc: acc.get(key, float("nan")),
-        "failure_auroc_spectral": lambda r, key, acc: r["auroc_failure"]["spectral"]["mean"],
-        "failure_auroc_combined": lambda r, key, acc: r["auroc_failure"]["combined"]["mean"],
-        "shifted_auroc_spectral": lambda r, key, acc: r["auroc_shifted"]["spectral"]["mean"],
-        "shifted_auroc_novelty": lambda r, key, acc: r["auroc_shifted"]["novelty"]["mean"],
-        "blind_spot_precision": lambda r, key, acc: r["spectral_blind_spot_shifted_oof"]["precision"]["mean"],
-        "blind_spot_recall": lambda r, key, acc: r["spectral_blind_spot_shifted_oof"]["recall"]["mean"],
-        "cramers_v_shifted": lambda r, key, acc: r["spectral_in_sample"]["cramers_v_shifted"]["mean"],
-        "cramers_v_failure": lambda r, key, acc: r["spectral_in_sample"]["cramers_v_failure"]["mean"],
+        "accuracy": None,  # the classifier has no seed
+        "failure_auroc_spectral": lambda r: r["auroc_failure"]["spectral"],
+        "failure_auroc_combined": lambda r: r["auroc_failure"]["combined"],
+        "shifted_auroc_spectral": lambda r: r["auroc_shifted"]["spectral"],
+        "shifted_auroc_novelty": lambda r: r["auroc_shifted"]["novelty"],
+        "blind_spot_precision": lambda r: r["spectral_blind_spot_shifted_oof"]["precision"],
+        "blind_spot_recall": lambda r: r["spectral_blind_spot_shifted_oof"]["recall"],
+        "cramers_v_shifted": lambda r: r["spectral_in_sample"]["cramers_v_shifted"],
+        "cramers_v_failure": lambda r: r["spectral_in_sample"]["cramers_v_failure"],
     }
+    nan = float("nan")
     out = []
     for key in after:
         if key[0] not in V1_COMPARED or key not in before:
             continue
         row: dict[str, Any] = {"kind": key[0], "level": key[1]}
         for q, get in quantities.items():
-            row[q] = (float(get(before[key], key, acc_b)), float(get(after[key], key, acc_a)))
+            if get is None:
+                a = acc_a.get(key, nan)
+                row[q] = (acc_b.get(key, nan), a, a, nan)
+                continue
+            s = get(same[key])["mean"] if key in same else nan
+            row[q] = (float(get(before[key])["mean"]), float(s), float(get(after[key])["mean"]),
+                      float(get(after[key])["sd"]))  # fmt: skip
         out.append(row)
     return out
 
 
-def _comparison_markdown(rows: list[dict], previous_meta: dict) -> list[str]:
-    def pair(v: tuple[float, float]) -> str:
-        b, a = (("–" if not np.isfinite(x) else f"{x:.2f}") for x in v)
-        return f"{b} → {a}"
+def _comparison_markdown(rows: list[dict], previous_meta: dict, n_seeds: int) -> list[str]:
+    def num(x: float) -> str:
+        return "–" if not np.isfinite(x) else f"{x:.2f}"
 
+    def cell(v: tuple[float, float, float, float]) -> str:
+        b, same, mean, sd = v
+        spread = f" ({num(mean)}±{num(sd)})" if np.isfinite(sd) else ""
+        return f"{num(b)} → {num(same)}{spread}"
+
+    n_before = int(previous_meta.get("seeds", 1))
     L = [
         "## v1 → v2: the rows that existed before (profile spec 1.x → 2.0)",
         "",
-        f"Before: {previous_meta.get('source', 'earlier results')}, {previous_meta['seeds']} seed(s); after: this "
-        "run (means over its seeds). Spectral failure AUROC and blind spots come from the clusters, which now "
-        "see the 31 spectral features, as in v1 (whose whole profile they were); novelty now sees all 42 "
-        "(31 spectral + 11 intensity). gamma is left out: its levels changed (v1: exponents 0.8 / 0.6 / 0.4). The v1 mixed row drew "
-        "from the v1 gamma levels too.",
+        f"Each cell: v1 ({previous_meta.get('source', 'earlier results')}; {n_before} seed) → this run on the "
+        f"same seed{'s' if n_before > 1 else ''} (same subsets, folds and clustering seeds), then in brackets this "
+        f"run's mean±sd over its {n_seeds} seeds. The clusters see the 31 spectral features, as in v1 (whose "
+        "whole profile they were), so equal numbers on the same seed mean the spectral path did not change; "
+        "novelty now sees all 42 features (31 spectral + 11 intensity). gamma is left out: its levels changed "
+        "(v1: exponents 0.8 / 0.6 / 0.4), and the v1 mixed row drew from those gamma levels too.",
         "",
         "| shift | level | accuracy | failure AUROC spectral | combined | shifted AUROC spectral | novelty "
         "| blind spot OOF prec | rec | V(cluster×shifted) | V(cluster×failure) |",
@@ -855,7 +885,7 @@ def _comparison_markdown(rows: list[dict], previous_meta: dict) -> list[str]:
         L.append(
             f"| {r['kind']} | {r['level']} | "
             + " | ".join(
-                pair(r[q])
+                cell(r[q])
                 for q in (
                     "accuracy",
                     "failure_auroc_spectral",

@@ -69,19 +69,27 @@ def test_evaluation_is_cached_by_inputs(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_v1_comparison_pairs_rows_present_in_both() -> None:
-    def row(kind: str, level: str, v: float) -> dict:
-        m = {"mean": v, "sd": float("nan")}
-        methods = dict.fromkeys(e2.METHODS, m)
-        bs = {"precision": m, "recall": m}
+    def run(kind: str, seed: int, v: float) -> dict:
+        methods = dict.fromkeys(e2.METHODS, v)
+        pr = {"spectral": {"precision": v, "recall": v}, "intensity": {"precision": v, "recall": v}}
+        ins = {"k": 2, "cramers_v_failure": v, "chi2_p_failure": v, "cramers_v_shifted": v,
+               "n_blind_spot_clusters": 1, "blind_spot_vs_shifted": {"precision": v, "recall": v}}  # fmt: skip
         return {
-            "kind": kind, "level": level, "auroc_failure": methods, "auroc_shifted": methods,
-            "spectral_blind_spot_shifted_oof": bs,
-            "spectral_in_sample": {"cramers_v_shifted": m, "cramers_v_failure": m},
+            "kind": kind, "level": "strong", "seed": seed, "failure_rate": v, "failure_rate_shifted": v,
+            "failure_rate_clean_part": v, "auroc_failure": methods, "auroc_shifted": methods,
+            "blind_spot_vs_shifted_oof": pr, "in_sample": {"spectral": ins, "intensity": ins},
         }  # fmt: skip
 
-    before = {"summary": [row("blur", "strong", 0.5), row("gamma", "strong", 0.4)],
-              "classifier": [{"kind": "blur", "level": "strong", "accuracy": 0.7}]}  # fmt: skip
-    after = [row("blur", "strong", 0.6), row("gamma", "strong", 0.9), row("bright", "strong", 0.8)]
-    out = e2.v1_comparison(before, after, [{"kind": "blur", "level": "strong", "accuracy": 0.75}])
+    before = {
+        "meta": {"seeds": 1},
+        "summary": e2.summarise([run("blur", 0, 0.5), run("gamma", 0, 0.4)]),
+        "classifier": [{"kind": "blur", "level": "strong", "accuracy": 0.7}],
+    }
+    runs = [run("blur", 0, 0.5), run("blur", 1, 0.7), run("gamma", 0, 0.9), run("bright", 0, 0.8)]
+    out = e2.v1_comparison(
+        before, e2.summarise(runs), [{"kind": "blur", "level": "strong", "accuracy": 0.75}], runs
+    )
     assert [(r["kind"], r["level"]) for r in out] == [("blur", "strong")]  # gamma's levels changed
-    assert out[0]["failure_auroc_spectral"] == (0.5, 0.6) and out[0]["accuracy"] == (0.7, 0.75)
+    before_v, same_seed, mean, sd = out[0]["failure_auroc_spectral"]
+    assert (before_v, same_seed, round(mean, 9), round(sd, 9)) == (0.5, 0.5, 0.6, 0.1)
+    assert out[0]["accuracy"][:3] == (0.7, 0.75, 0.75)
