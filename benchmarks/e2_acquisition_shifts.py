@@ -768,13 +768,16 @@ def _timing(meta: dict) -> str:
     if "seconds_evaluation" not in meta:
         return f"{meta['seconds']:.0f} s"
     if "evaluations_computed" in meta:
-        reuse = f"{meta['evaluations_computed']} of {meta['evaluations_total']} evaluations computed, the rest read"
+        reuse = (
+            f"{meta['evaluations_computed']} of {meta['evaluations_total']} evaluations computed, "
+            "the rest read from the cache"
+        )
     else:
-        reuse = "evaluations already cached were read, not recomputed"
+        reuse = "evaluations already in the cache were read, not recomputed"
     return (
         f"wall time of this invocation {meta['seconds']:.0f} s on 2 shared cores: features "
-        f"{meta['seconds_features']:.0f} s, out-of-fold evaluation {meta['seconds_evaluation']:.0f} s ({reuse} "
-        f"from the cache), monitor flags {meta['seconds_flags']:.0f} s; features and per-(condition, seed) "
+        f"{meta['seconds_features']:.0f} s, out-of-fold evaluation {meta['seconds_evaluation']:.0f} s ({reuse}), "
+        f"monitor flags {meta['seconds_flags']:.0f} s; features and per-(condition, seed) "
         "evaluations are cached, so adding seeds computes only the new ones"
     )
 
