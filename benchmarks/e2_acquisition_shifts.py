@@ -914,10 +914,7 @@ def plot(out: Path, summary: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     rows = summary
-    labels = [
-        f"{r['kind']}\n{r['level']}" if r["kind"] not in (*MIXES, "clean") else r["kind"].replace("_", "\n")
-        for r in rows
-    ]
+    labels = [f"{r['kind']} {r['level']}" if r["kind"] not in (*MIXES, "clean") else r["kind"] for r in rows]
     x = np.arange(len(rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(15, 0.45 * len(rows)), 8.5), sharex=True)
     colours = {"spectral": "C0", "combined": "C1", "novelty": "C5", "intensity": "C2", "random": "0.6", "confidence": "C3",
@@ -949,7 +946,7 @@ def plot(out: Path, summary: list[dict]) -> None:
     ax2.legend(loc="upper right", fontsize=9)
     lo, hi = float(np.nanmin(fr)), float(np.nanmax(fr))  # clean has no shifted part (nan)
     ax2.set_ylim(lo - 0.02, hi + 0.35 * (hi - lo) + 0.02)
-    axes[1].set_xticks(x, labels, fontsize=7)
+    axes[1].set_xticks(x, labels, fontsize=8, rotation=90)
     fig.tight_layout()
     fig.savefig(out / "e2_auroc.png", dpi=110)
     plt.close(fig)
