@@ -119,6 +119,20 @@ GRAFANA: tuple[GrafanaTwin, ...] = (
         ),
     ),
     GrafanaTwin(
+        alert="CXRMonitorOutOfScopeTraffic",
+        match=(),
+        uid="cxr-monitor-out-of-scope-traffic",
+        suffix="",
+        panel_id=56,
+        check_first=(
+            "'Out-of-scope share by header field' for the field (modality, body_part, view_position); "
+            "'Drift verdict by component' (out_of_scope) for the replica, and the DICOM node's per-source "
+            "panels for the sending AE title; score responses carry scope_reasons. Usually a routing rule "
+            "that forwards every study instead of chest CR/DX; if such images are expected, widen the "
+            "model's scope allow-lists (--scope-modalities, ...) instead."
+        ),
+    ),
+    GrafanaTwin(
         alert="CXRMonitorReliabilityDrop",
         match=(),
         uid="cxr-monitor-reliability-drop",

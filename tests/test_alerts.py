@@ -25,6 +25,7 @@ CONFIG = PROM_DIR / "prometheus.yml"
 EXPECTED_ALERTS = {
     "CXRMonitorDrift",
     "CXRMonitorNoveltySurge",
+    "CXRMonitorOutOfScopeTraffic",
     "CXRMonitorReliabilityDrop",
     "CXRMonitorBlindSpotTraffic",
     "CXRMonitorRealizedFailureRate",

@@ -9,6 +9,7 @@ engine in the test environment).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -20,8 +21,11 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from monitor.metrics import DRIFT_GAUGES, DicomMetrics, MonitorMetrics
+from monitor.defaults import default_model_dir
+from monitor.drift import DriftThresholds
+from monitor.metrics import DRIFT_FEATURE_GAUGES, DRIFT_GAUGES, DicomMetrics, MonitorMetrics
 from monitor.settings import DEFAULT_METRICS_PORT, DEFAULT_PORT
+from monitor.spectrum import INTENSITY_FEATURES
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"
@@ -221,6 +225,64 @@ def test_dashboard_covers_the_monitor(dashboard: dict) -> None:
     assert fleet_psi and all("cxr_monitor_reference_cluster_ratio" in e for e in fleet_psi)
     kinds = {p["type"] for p in _panels(dashboard)}
     assert {"heatmap", "table", "timeseries", "stat"} <= kinds
+
+
+def test_dashboard_shows_drift_components_and_features(dashboard: dict) -> None:
+    """Each per-feature drift gauge, the component verdicts and the thresholds have a panel (issue 12)."""
+    exprs = [e for _, e in _queries(dashboard)]
+    used = set().union(*(promql_metric_names(e) for e in exprs))
+    for gauge in (*DRIFT_FEATURE_GAUGES, "drift_component_detected", "drift_threshold"):
+        assert f"cxr_monitor_{gauge}" in used, gauge
+    # Feature statistics are shown against the model's own thresholds (read from the gauge) in one panel.
+    panels = [" ".join(t["expr"] for t in p.get("targets", [])) for p in _panels(dashboard)]
+    assert any('threshold="feature_alpha"' in e and "feature_q_value" in e for e in panels)
+    assert any('threshold="feature_shift_min"' in e and "feature_shift{" in e for e in panels)
+    assert any("feature_p_value" in e and "feature_q_value" in e and "feature_detected" in e for e in panels)
+    assert "cxr_monitor_out_of_scope_images_total" in used
+    assert "cxr_monitor:out_of_scope_share:rate15m" in used
+
+
+_MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:\\.|[^"\\])*)"')
+
+
+def _matchers(expr: str, label: str) -> list[tuple[str, str]]:
+    """(operator, value) of every ``label`` matcher inside the selectors of ``expr``."""
+    found = []
+    for selector in re.findall(r"\{([^}]*)\}", expr):
+        found += [(op, value) for name, op, value in _MATCHER.findall(selector) if name == label]
+    return found
+
+
+def test_dashboard_label_values_exist(dashboard: dict) -> None:
+    """Threshold names and feature patterns in the queries name what the sidecar exports.
+
+    A misspelt ``threshold="feature_alfa"`` or a feature pattern that matches nothing is valid
+    PromQL that returns no data: the panel would stay empty without any error.
+    """
+    thresholds = {f.name for f in dataclasses.fields(DriftThresholds)}
+    model = json.loads((default_model_dir() / "model.json").read_text())
+    features = model["spectrum"]["feature_names"]
+    assert set(INTENSITY_FEATURES) <= set(features)
+    checked = 0
+    for where, expr in _queries(dashboard):
+        for op, value in _matchers(expr, "threshold"):
+            assert op == "=" and value in thresholds, f"{where}: no drift threshold {value!r}"
+            checked += 1
+        for op, value in _matchers(expr, "feature"):
+            pattern = re.compile(value)  # Prometheus regexes are anchored
+            matched = {f for f in features if pattern.fullmatch(f)}
+            if op in ("=~", "="):
+                assert matched, f"{where}: feature {op} {value!r} matches no feature of the model"
+            else:
+                assert matched, f"{where}: feature {op} {value!r} excludes nothing"
+            # The dashboard splits features into components by name: intensity_* is exactly the intensity ones.
+            selected = matched if op in ("=~", "=") else set(features) - matched
+            spectral = set(features) - set(INTENSITY_FEATURES)
+            assert selected in (set(INTENSITY_FEATURES), spectral), (
+                f"{where}: {op} {value!r} splits a component"
+            )
+            checked += 1
+    assert checked >= 10
 
 
 def test_dashboard_shows_drift_and_dicom_traffic_per_source(dashboard: dict, exposed_names: set[str]) -> None:
