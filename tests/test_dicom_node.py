@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_files import dicom_dataset, to_bytes
 from PIL import Image
 from prometheus_client import CollectorRegistry
 from pydicom.dataset import FileMetaDataset
@@ -167,22 +168,12 @@ def nih_sc(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[Pat
 
 
 def _secondary_capture(pixels: np.ndarray, path: Path, *, with_pixels: bool = True) -> Path:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = pydicom.Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Modality, ds.ConversionType = "OT", "WSD"
-    ds.PatientID, ds.PatientName = "TEST", "Test^Synthetic"
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
-    if with_pixels:
-        ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint8).tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    ds = dicom_dataset(np.asarray(pixels, dtype=np.uint8), modality="OT", ConversionType="WSD",
+                       PatientID="TEST", PatientName="Test^Synthetic",
+                       StudyInstanceUID=generate_uid(), SeriesInstanceUID=generate_uid())  # fmt: skip
+    if not with_pixels:
+        del ds.PixelData
+    path.write_bytes(to_bytes(ds))
     return path
 
 

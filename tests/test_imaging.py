@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_files import dicom_bytes
 from PIL import Image
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import MPEG2MPML, ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from pydicom.uid import MPEG2MPML
 
 from monitor.errors import (
     ImageTooLargeError,
@@ -37,43 +37,6 @@ RNG = np.random.default_rng(0)
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _dicom_bytes(
-    pixels: np.ndarray | None,
-    *,
-    photometric: str = "MONOCHROME2",
-    bits_stored: int | None = None,
-    samples: int = 1,
-    transfer_syntax: str = ExplicitVRLittleEndian,
-    **elements: object,
-) -> bytes:
-    """A DICOM Part 10 file (preamble + 'DICM') holding ``pixels``, uncompressed by default."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = transfer_syntax
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "DX"
-    ds.PhotometricInterpretation = photometric
-    ds.SamplesPerPixel = samples
-    if pixels is not None:
-        ds.Rows, ds.Columns = pixels.shape[:2]
-        ds.BitsAllocated = pixels.dtype.itemsize * 8
-        ds.BitsStored = bits_stored or ds.BitsAllocated
-        ds.HighBit = ds.BitsStored - 1
-        ds.PixelRepresentation = int(pixels.dtype.kind == "i")
-        if samples > 1:
-            ds.PlanarConfiguration = 0
-        ds.PixelData = pixels.tobytes()
-    for keyword, value in elements.items():
-        setattr(ds, keyword, value)
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
 
 
 def _pil_bytes(image: Image.Image, fmt: str, **kwargs: object) -> bytes:
@@ -216,7 +179,7 @@ def test_compressed_transfer_syntaxes_match_uncompressed(name: str) -> None:
 
 def test_rescale_slope_and_intercept_applied() -> None:
     stored = _ramp(70, 80, hi=4000, dtype="uint16")
-    data = _dicom_bytes(stored, RescaleSlope="2", RescaleIntercept="-1024", PixelSpacing=[0.2, 0.25])
+    data = dicom_bytes(stored, RescaleSlope="2", RescaleIntercept="-1024", PixelSpacing=[0.2, 0.25])
     img = load_bytes(data, name="rescaled.dcm")
     _assert_output(img, 70, 80)
     np.testing.assert_array_equal(img.pixels, stored.astype(np.float32) * 2 - 1024)
@@ -229,7 +192,7 @@ def test_rescale_slope_and_intercept_applied() -> None:
 
 def test_rescale_and_monochrome1_inverts_in_output_range() -> None:
     stored = _ramp(64, 64, hi=4095, dtype="uint16")
-    data = _dicom_bytes(
+    data = dicom_bytes(
         stored, bits_stored=12, photometric="MONOCHROME1", RescaleSlope="2", RescaleIntercept="-1024"
     )
     img = load_bytes(data)
@@ -243,7 +206,7 @@ def test_rescale_and_monochrome1_inverts_in_output_range() -> None:
 )
 def test_12_bit_dicom(photometric: str, expected) -> None:
     stored = _ramp(66, 70, hi=4095, dtype="uint16")
-    img = load_bytes(_dicom_bytes(stored, bits_stored=12, photometric=photometric), name="twelve.dcm")
+    img = load_bytes(dicom_bytes(stored, bits_stored=12, photometric=photometric), name="twelve.dcm")
     _assert_output(img, 66, 70)
     assert img.meta.bits_stored == 12
     np.testing.assert_array_equal(img.pixels, expected(stored.astype(np.float32)))
@@ -251,13 +214,13 @@ def test_12_bit_dicom(photometric: str, expected) -> None:
 
 def test_signed_16_bit_monochrome1() -> None:
     stored = (_ramp(64, 64, hi=2000, dtype="int16") - 1000).astype(np.int16)
-    img = load_bytes(_dicom_bytes(stored, photometric="MONOCHROME1"))
+    img = load_bytes(dicom_bytes(stored, photometric="MONOCHROME1"))
     # Signed 16-bit range is [-32768, 32767]; reflection maps x to -1 - x.
     np.testing.assert_array_equal(img.pixels, -1.0 - stored)
 
 
 def test_imager_pixel_spacing_used_when_pixel_spacing_is_zero() -> None:
-    data = _dicom_bytes(_ramp(), PixelSpacing=[0, 0], ImagerPixelSpacing=[0.139, 0.139])
+    data = dicom_bytes(_ramp(), PixelSpacing=[0, 0], ImagerPixelSpacing=[0.139, 0.139])
     assert load_bytes(data).meta.pixel_spacing_mm == pytest.approx(0.139)
 
 
@@ -461,7 +424,7 @@ def test_truncated_dicom(data_dir: Path) -> None:
 
 
 def test_truncated_uncompressed_dicom() -> None:
-    data = _dicom_bytes(_ramp(200, 200, hi=4000, dtype="uint16"))
+    data = dicom_bytes(_ramp(200, 200, hi=4000, dtype="uint16"))
     with pytest.raises(InvalidImageError, match=r"half\.dcm: .*truncated or corrupt"):
         load_bytes(data[: len(data) // 2], name="half.dcm")
 
@@ -480,12 +443,12 @@ def test_corrupt_compressed_dicom(data_dir: Path) -> None:
 
 def test_dicom_without_pixel_data() -> None:
     with pytest.raises(InvalidImageError, match=r"nopix\.dcm: \(7FE0,0010\) Pixel Data is missing"):
-        load_bytes(_dicom_bytes(None), name="nopix.dcm")
+        load_bytes(dicom_bytes(None), name="nopix.dcm")
 
 
 def test_multi_frame_dicom() -> None:
     frames = np.stack([_ramp(dtype="uint8"), _ramp(dtype="uint8")[::-1]])
-    data = _dicom_bytes(frames[0], NumberOfFrames=2, PixelData=frames.tobytes())
+    data = dicom_bytes(frames[0], NumberOfFrames=2, PixelData=frames.tobytes())
     with pytest.raises(
         UnsupportedImageError, match=r"cine\.dcm: multi-frame DICOM \(2 frames\) is not supported"
     ):
@@ -494,7 +457,7 @@ def test_multi_frame_dicom() -> None:
 
 def test_rgb_dicom() -> None:
     rgb = np.stack([_ramp()] * 3, axis=-1)
-    data = _dicom_bytes(rgb, photometric="RGB", samples=3)
+    data = dicom_bytes(rgb, photometric="RGB", samples=3)
     with pytest.raises(
         UnsupportedImageError,
         match=r"rgb\.dcm: \(0028,0004\) Photometric Interpretation .RGB. is not supported for chest radio",
@@ -504,17 +467,17 @@ def test_rgb_dicom() -> None:
 
 def test_dicom_without_photometric_interpretation() -> None:
     with pytest.raises(InvalidImageError, match=r"\(0028,0004\) Photometric Interpretation is missing"):
-        load_bytes(_dicom_bytes(_ramp(), photometric=""))
+        load_bytes(dicom_bytes(_ramp(), photometric=""))
 
 
 def test_monochrome_dicom_with_three_samples() -> None:
-    data = _dicom_bytes(_ramp(), samples=3)
+    data = dicom_bytes(_ramp(), samples=3)
     with pytest.raises(UnsupportedImageError, match=r"\(0028,0002\) Samples per Pixel 3 is not supported"):
         load_bytes(data)
 
 
 def test_unsupported_transfer_syntax() -> None:
-    data = _dicom_bytes(_ramp(), transfer_syntax=MPEG2MPML, PixelData=encapsulate([b"\0" * 64]))
+    data = dicom_bytes(_ramp(), transfer_syntax=MPEG2MPML, PixelData=encapsulate([b"\0" * 64]))
     with pytest.raises(
         UnsupportedImageError,
         match=r"mpeg\.dcm: transfer syntax 'MPEG2 Main Profile / Main Level' is not supported",
@@ -533,7 +496,7 @@ def test_too_small_image() -> None:
         load_bytes(data, name="tiny.png")
     # Same limit for DICOM, and it is configurable.
     with pytest.raises(UnsupportedImageError, match=r"tiny\.dcm: image of 96x80 pixels is too small"):
-        load_bytes(_dicom_bytes(_ramp()), name="tiny.dcm", min_size=81)
+        load_bytes(dicom_bytes(_ramp()), name="tiny.dcm", min_size=81)
 
 
 def test_too_many_pixels_png_rejected_before_decoding(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -555,7 +518,7 @@ def test_too_many_pixels_dicom_rejected_before_decoding(monkeypatch: pytest.Monk
 
     monkeypatch.setattr(pydicom.Dataset, "pixel_array", property(no_decoding))
     with pytest.raises(ImageTooLargeError, match=r"big\.dcm: image of 96x80 pixels \(7,680\) exceeds"):
-        load_bytes(_dicom_bytes(_ramp()), name="big.dcm", max_pixels=5000)
+        load_bytes(dicom_bytes(_ramp()), name="big.dcm", max_pixels=5000)
 
 
 def test_pillow_decompression_bomb_becomes_image_too_large() -> None:
@@ -592,7 +555,7 @@ def test_constant_image() -> None:
     data = _pil_bytes(Image.new("L", (100, 100), 42), "PNG")
     with pytest.raises(InvalidImageError, match=r"flat\.png: image is constant \(all pixels = 42\)"):
         load_bytes(data, name="flat.png")
-    flat = _dicom_bytes(np.full((70, 70), 9, np.uint16), RescaleSlope="2", RescaleIntercept="-1")
+    flat = dicom_bytes(np.full((70, 70), 9, np.uint16), RescaleSlope="2", RescaleIntercept="-1")
     with pytest.raises(InvalidImageError, match=r"flat\.dcm: image is constant \(all pixels = 17\)"):
         load_bytes(flat, name="flat.dcm")
 
@@ -635,7 +598,7 @@ def test_errors_are_value_errors_with_codes() -> None:
 
 def test_iter_image_files(tmp_path: Path) -> None:
     png = _pil_bytes(Image.fromarray(_ramp()), "PNG")
-    dicom = _dicom_bytes(_ramp())
+    dicom = dicom_bytes(_ramp())
     files = {
         "b/scan.PNG": png,
         "a.jpg": b"x",  # listed by suffix; loading will report it
@@ -687,15 +650,15 @@ def test_read_dicom_header_checks_without_decoding(data_dir: Path) -> None:
     meta = read_dicom_header((data_dir / "dicom" / "cxr_pa_cr_philips_j2k.dcm").read_bytes(), name="cr")
     assert (meta.rows, meta.columns, meta.photometric_interpretation) == (1955, 1841, "MONOCHROME1")
     pixels = _ramp(200, 300, hi=4095, dtype="uint16")
-    assert read_dicom_header(_dicom_bytes(pixels, bits_stored=12)).columns == 300
+    assert read_dicom_header(dicom_bytes(pixels, bits_stored=12)).columns == 300
 
 
 def test_read_dicom_header_reasons() -> None:
     pixels = _ramp(200, 300, hi=4095, dtype="uint16")
     with pytest.raises(MissingPixelDataError, match=r"x: \(7FE0,0010\) Pixel Data is missing$"):
-        read_dicom_header(_dicom_bytes(None, Rows=200, Columns=300), name="x")
-    full = _dicom_bytes(pixels)
-    short = _dicom_bytes(pixels, PixelData=pixels.tobytes()[:1000])
+        read_dicom_header(dicom_bytes(None, Rows=200, Columns=300), name="x")
+    full = dicom_bytes(pixels)
+    short = dicom_bytes(pixels, PixelData=pixels.tobytes()[:1000])
     with pytest.raises(
         InvalidImageError, match=r"Pixel Data truncated: 1000 bytes where 200x300 pixels at 16 bits"
     ):
@@ -706,7 +669,7 @@ def test_read_dicom_header_reasons() -> None:
         cut.value, MissingPixelDataError
     )  # cut inside Pixel Data: truncated, not pixel-less
     with pytest.raises(UnsupportedImageError, match="Photometric Interpretation 'RGB'"):
-        read_dicom_header(_dicom_bytes(np.zeros((80, 80, 3), np.uint8), photometric="RGB", samples=3))
+        read_dicom_header(dicom_bytes(np.zeros((80, 80, 3), np.uint8), photometric="RGB", samples=3))
     with pytest.raises(ImageTooLargeError):
         read_dicom_header(full, max_pixels=1000)
     with pytest.raises(InvalidImageError, match="not a readable DICOM file"):

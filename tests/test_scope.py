@@ -8,7 +8,6 @@ only their headers say what they are: no download at test time.
 
 from __future__ import annotations
 
-import io
 import json
 import urllib.request
 from collections.abc import Iterator
@@ -18,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_files import dicom_bytes as write_dicom_bytes
 from prometheus_client import CollectorRegistry
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from monitor.artifact import load_model, save_model
 from monitor.cli import main
@@ -51,29 +49,9 @@ FIELD = {"ultrasound": "modality", "ct-chest": "modality", "nm-whole-body": "mod
 
 def dicom_bytes(pixels: np.ndarray, modality: str, body_part: str | None, view: str | None) -> bytes:
     """An uncompressed MONOCHROME2 DICOM of ``pixels`` (uint16) with the given header fields."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = meta.MediaStorageSOPClassUID
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = modality
-    if body_part is not None:
-        ds.BodyPartExamined = body_part
-    if view is not None:
-        ds.ViewPosition = view
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.SamplesPerPixel = 1
-    ds.Rows, ds.Columns = pixels.shape
-    ds.BitsAllocated = ds.BitsStored = 16
-    ds.HighBit = 15
-    ds.PixelRepresentation = 0
-    ds.PixelData = np.ascontiguousarray(pixels, dtype=np.uint16).tobytes()
-    buf = io.BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
-    return buf.getvalue()
+    fields = {"BodyPartExamined": body_part, "ViewPosition": view}
+    elements = {k: v for k, v in fields.items() if v is not None}
+    return write_dicom_bytes(np.asarray(pixels, dtype=np.uint16), modality=modality, **elements)
 
 
 def _phantom(shape: tuple[int, int], seed: int = 0) -> np.ndarray:
