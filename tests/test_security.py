@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import subprocess
 import sys
 import threading
@@ -634,29 +635,31 @@ def test_secure_k8s_example_runs_as_configured(engine: Engine, certs: Path, tmp_
     (sidecar,) = [c for c in spec["initContainers"] if c["image"].startswith("cxr-spectral-monitor")]
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     secrets = {v["name"]: v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
-    # Each mounted secret becomes a folder of files, as the kubelet writes them.
+    # Each mounted secret becomes a folder of files, as the kubelet writes them; the DICOM node's
+    # certificate is signed by the same test CA as the PACS's client certificate.
     files = {
         "cxr-monitor-tls": {"tls.crt": certs / "server.pem", "tls.key": certs / "server.key", "ca.crt": certs / "ca.pem"},
+        "cxr-monitor-dicom-tls": {"tls.crt": certs / "server.pem", "tls.key": certs / "server.key",
+                                  "ca.crt": certs / "ca.pem"},
         "cxr-monitor-tokens": {"scoring": SCORING_TOKEN, "outcome": OUTCOME_TOKEN},
     }  # fmt: skip
     env = {e["name"]: e["value"] for e in sidecar["env"]}
     for volume, path in mounts.items():
-        if volume not in secrets:
-            continue
-        folder = tmp_path / volume
+        folder = tmp_path / volume  # secrets and the store's emptyDir alike
         folder.mkdir()
-        for key, source in files[secrets[volume]].items():
+        for key, source in files.get(secrets.get(volume, ""), {}).items():
             (folder / key).write_bytes(source.read_bytes() if isinstance(source, Path) else source.encode())
         env = {k: v.replace(path, str(folder)) for k, v in env.items()}
-    assert not [v for v in env.values() if v.startswith("/run/secrets")], env  # every file is mounted
+    assert not [v for v in env.values() if v.startswith(("/run/", "/var/"))], env  # every file is mounted
 
     args = build_parser().parse_args(sidecar["args"])
     as_deployed = Settings.load({f: getattr(args, f, None) for f in ("port", "metrics_port")}, environ=env)
     assert (as_deployed.port, as_deployed.metrics_port, as_deployed.health_port) == (50051, 9108, 50052)
+    assert as_deployed.dicom_port == 11112 and as_deployed.dicom_tls_ca
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert sidecar[probe]["grpc"]["port"] == as_deployed.health_port
     settings = Settings.load({"host": "127.0.0.1", "port": 0, "metrics_port": -1, "health_port": 0,
-                              "decode_processes": 0, "workers": 1}, environ=env)  # fmt: skip
+                              "dicom_port": 0, "decode_processes": 0, "workers": 1}, environ=env)  # fmt: skip
     server, port = build_server(settings, engine, registry=CollectorRegistry())
     server.start()
     try:
@@ -675,6 +678,13 @@ def test_secure_k8s_example_runs_as_configured(engine: Engine, certs: Path, tmp_
             assert _score_code(client) == grpc.StatusCode.UNAVAILABLE  # no client certificate
         with ReliabilityClient(f"127.0.0.1:{server.health_port}", timeout=5) as probe:
             assert probe.health(SERVICE_NAME) == "SERVING"  # what the kubelet's probe sees
+        # The DICOM node: DICOM TLS with the PACS's client certificate only, allow-listed AE titles.
+        pacs = _dicom_tls_context(certs, with_client_certificate=True)
+        assert _dicom_echo(server.dicom_port, "ORTHANC", pacs) == 0x0000
+        assert _dicom_echo(server.dicom_port, "STRANGER", pacs) is None  # not allow-listed
+        assert _dicom_echo(server.dicom_port, "ORTHANC", None) is None  # plain TCP
+        no_cert = _dicom_tls_context(certs, with_client_certificate=False)
+        assert _dicom_echo(server.dicom_port, "ORTHANC", no_cert) is None
     finally:
         server.stop(0.5)
 
@@ -685,11 +695,72 @@ def test_secure_k8s_example_runs_as_configured(engine: Engine, certs: Path, tmp_
     assert [i["key"] for i in volume["secret"]["items"]] == ["scoring"]
 
 
+def _dicom_tls_context(certs: Path, *, with_client_certificate: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(certs / "ca.pem"))
+    if with_client_certificate:
+        context.load_cert_chain(str(certs / "client.pem"), str(certs / "client.key"))
+    return context
+
+
+def _dicom_echo(port: int, calling: str, context: ssl.SSLContext | None) -> int | None:
+    """C-ECHO status from the node at 127.0.0.1:``port``, or None when no association is established."""
+    from pynetdicom import AE
+    from pynetdicom.sop_class import Verification
+
+    ae = AE(ae_title=calling)
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.network_timeout = 10
+    tls = (context, "localhost") if context is not None else None
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXRMONITOR", tls_args=tls)
+    if not assoc.is_established:
+        return None
+    try:
+        return int(assoc.send_c_echo().Status)
+    finally:
+        assoc.release()
+
+
 def test_secure_k8s_network_policy_limits_each_port() -> None:
     (policy,) = [d for d in _secure_docs() if d["kind"] == "NetworkPolicy"]
     rules = {r["ports"][0]["port"]: r.get("from") for r in policy["spec"]["ingress"]}
     assert rules[50051] == [{"podSelector": {"matchLabels": {"cxr-monitor/client": "true"}}}]
     (metrics_from,) = rules[9108]
     assert metrics_from["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "monitoring"}
+    # DICOM: one peer, the PACS, selected by namespace and pod together (one entry, not two).
+    (dicom_from,) = rules[11112]
+    assert dicom_from["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": "pacs"}
+    assert dicom_from["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "orthanc"}
     assert 50052 not in rules  # the plaintext health port: the node (kubelet) only
     assert policy["spec"]["policyTypes"] == ["Ingress"]
+    # Every port the sidecar opens has a rule with a peer selector, but the health port.
+    (deployment,) = [d for d in _secure_docs() if d["kind"] == "Deployment"]
+    (sidecar,) = deployment["spec"]["template"]["spec"]["initContainers"]
+    opened = {p["containerPort"] for p in sidecar["ports"]} - {50052}
+    assert opened <= {port for port, peers in rules.items() if peers}, opened
+
+
+def test_secure_k8s_example_keeps_everything_of_the_plain_one() -> None:
+    """The secure manifest is cxr-monitor.yaml hardened: every setting, port and Service port of the
+    plain example is there too (with the same value where it is not a security setting)."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML parses the deployment files")
+    plain = [d for d in yaml.safe_load_all((SECURE_K8S.parent / "cxr-monitor.yaml").read_text()) if d]
+    secure = _secure_docs()
+
+    def sidecar(docs: list[dict]) -> dict:
+        (deployment,) = [d for d in docs if d["kind"] == "Deployment"]
+        (container,) = deployment["spec"]["template"]["spec"]["initContainers"]
+        return container
+
+    def service_ports(docs: list[dict]) -> dict:
+        (service,) = [d for d in docs if d["kind"] == "Service"]
+        return {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]}
+
+    plain_env = {e["name"]: e["value"] for e in sidecar(plain)["env"]}
+    secure_env = {e["name"]: e["value"] for e in sidecar(secure)["env"]}
+    assert plain_env.items() <= secure_env.items(), set(plain_env.items()) - set(secure_env.items())
+    ports = [{k: p[k] for k in ("name", "containerPort")} for p in sidecar(secure)["ports"]]
+    for port in sidecar(plain)["ports"]:
+        assert {k: port[k] for k in ("name", "containerPort")} in ports, port
+    assert service_ports(plain).items() <= service_ports(secure).items()
+    plain_mounts = {m["mountPath"] for m in sidecar(plain)["volumeMounts"]}
+    assert plain_mounts <= {m["mountPath"] for m in sidecar(secure)["volumeMounts"]}
