@@ -17,6 +17,7 @@ the tests skip, except under CI=true where they fail.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -237,8 +238,15 @@ def test_storescu_nih_secondary_capture_in_each_transfer_syntax(
 @pytest.fixture(scope="module")
 def orthanc(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """Debian's Orthanc on loopback, the node as its 'monitor' modality, the shipped Lua auto-route."""
+    monitor = ["CXRMONITOR", "127.0.0.1", int(node.dicom_port)]
+    with _orthanc(tmp_path_factory.mktemp("orthanc"), monitor) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def _orthanc(root: Path, monitor: list | dict, **settings: object) -> Iterator[str]:
+    """Run Orthanc in ``root`` with ``monitor`` as its modality 'monitor'; yields its REST URL."""
     binary = _tool("Orthanc")
-    root = tmp_path_factory.mktemp("orthanc")
     http_port = _free_port()
     config = {
         "Name": "cxr-monitor-test",
@@ -249,11 +257,12 @@ def orthanc(node: Node, tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         "AuthenticationEnabled": False,
         "DicomServerEnabled": False,  # studies come in over REST; Orthanc only sends DICOM
         "DicomAet": "ORTHANC",
-        "DicomModalities": {"monitor": ["CXRMONITOR", "127.0.0.1", int(node.dicom_port)]},
+        "DicomModalities": {"monitor": monitor},
         "DicomScuTimeout": 30,
         "LuaScripts": [str(REPO / "deploy" / "orthanc" / "autoroute.lua")],
         "Plugins": [],
         "HttpCompressionEnabled": False,
+        **settings,
     }
     path = root / "orthanc.json"
     path.write_text(json.dumps(config))
@@ -461,6 +470,37 @@ def test_dicom_tls_with_client_certificates(engine: Engine, certificates: Path) 
         assert tls.get("cxr_monitor_dicom_echoes_total", source="other") == 1
     finally:
         tls.server.stop(5)
+
+
+def test_orthanc_routes_to_the_node_over_dicom_tls(
+    engine: Engine, certificates: Path, nih_sc: list[Path], tmp_path: Path
+) -> None:
+    """The secure deployment's path: Orthanc (DICOM TLS, its client certificate) -> the TLS-only node.
+
+    Orthanc's SCU presents ``DicomTlsCertificate``/``DicomTlsPrivateKey`` and verifies the node
+    with ``DicomTlsTrustedCertificates``; the modality has ``UseDicomTls``. The C-ECHO and every
+    instance the Lua rule forwards reach the node, which accepts nothing but TLS with a client
+    certificate of its CA (test_dicom_tls_with_client_certificates).
+    """
+    d = certificates
+    node = Node(engine, dicom_tls_cert=str(d / "server.crt"), dicom_tls_key=str(d / "server.key"),
+                dicom_tls_ca=str(d / "ca.crt"), dicom_allowed_aes="ORTHANC")  # fmt: skip
+    monitor = {"AET": "CXRMONITOR", "Host": "127.0.0.1", "Port": int(node.dicom_port), "UseDicomTls": True}
+    tls = {"DicomTlsEnabled": False,  # Orthanc's own SCP stays off; these settings serve its SCU
+           "DicomTlsCertificate": str(d / "client.crt"), "DicomTlsPrivateKey": str(d / "client.key"),
+           "DicomTlsTrustedCertificates": str(d / "ca.crt")}  # fmt: skip
+    try:
+        with _orthanc(tmp_path, monitor, **tls) as url:
+            assert _http(f"{url}/modalities/monitor/echo", b"{}", "application/json") == {}
+            assert node.get("cxr_monitor_dicom_echoes_total", source="ORTHANC") == 1
+            for f in nih_sc:
+                _http(url + "/instances", f.read_bytes())  # the Lua rule forwards each one over TLS
+            _wait(
+                lambda: node.scored("ORTHANC") == len(nih_sc), f"{len(nih_sc)} instances sent over TLS scored"
+            )
+            assert node.stored("ORTHANC", "queued") == len(nih_sc)
+    finally:
+        node.server.stop(5)
 
 
 # --------------------------------------------------------------------------- lifecycle
