@@ -15,18 +15,23 @@ thresholds are unchanged.
    radiographs, all 234 of the NORMAL folder and 66 PNEUMONIA: another population,
    scanners and 224x224 JPEG), so that they are two thirds of the fleet's 15 minutes.
    CXRMonitorDrift must fire, from the replica's window and fleet-wide.
+3. Out-of-scope traffic: 40 DICOMs whose header says ultrasound (NIH pixels inside), 8% of
+   the fleet's 15 minutes. CXRMonitorOutOfScopeTraffic must fire and the window's out_of_scope
+   drift component with it.
 
 The Grafana-managed twins of the alerts (deploy/grafana/provisioning/alerting/
 cxr-monitor-rules.yaml) are evaluated against the same Prometheus at both steps: each rule's
 queries are run as Grafana runs them (instant queries at the evaluation time), its server-side
 expressions are applied with Grafana's semantics (``grafana_condition``), and the series for
 which its condition holds must be exactly those of the Prometheus twin's pending or firing
-alerts at the same evaluation timestamp: quiet on NIH, firing for drift on Kermany. (No Grafana
+alerts at the same evaluation timestamp: quiet on NIH, firing for drift on Kermany and for
+out-of-scope traffic on the ultrasound DICOMs. (No Grafana
 runs here: the expression semantics are the test's, documented in ``grafana_condition``; the
 ``for`` durations are equal by construction, checked in tests/test_deploy.py.)
 
 Also checked on the live server: the fleet PSI computed in PromQL equals
-monitor.drift.psi of the scraped counters, and every dashboard query is valid PromQL.
+monitor.drift.psi of the scraped counters, and every dashboard query is valid PromQL (the
+core panels, the drift component and per-feature panels among them, return data).
 Skips without prometheus (fails under CI=true).
 """
 
@@ -51,6 +56,8 @@ from typing import Any
 
 import numpy as np
 import pytest
+from dicom_files import dicom_bytes
+from PIL import Image
 
 from monitor.defaults import default_model_dir
 from monitor.drift import psi
@@ -61,6 +68,7 @@ GRAFANA_RULES = REPO / "deploy" / "grafana" / "provisioning" / "alerting" / "cxr
 DASHBOARD = REPO / "deploy" / "grafana" / "dashboards" / "cxr-monitor.json"
 NIH_EVERY = 4  # every 4th NIH image (156 of 621)
 KERMANY_LIMIT = 300
+N_OUT_OF_SCOPE = 40
 WINDOW_IMAGES = 100
 
 
@@ -459,6 +467,24 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
     assert len(replica) == 1 and dict(next(iter(replica)))["job"] == "cxr-monitor", replica
     assert on_kermany["CXRMonitorDrift (fleet)"] == {frozenset()}
 
+    # ---- 3. ultrasound DICOMs: out of the model's scope by their header; the alert and its twin fire
+    us = stack["tmp"] / "ultrasound"
+    us.mkdir()
+    nih_files = sorted((stack["nih"]).iterdir())[:N_OUT_OF_SCOPE]
+    for i, path in enumerate(nih_files):
+        pixels = np.asarray(Image.open(path).convert("L"))
+        (us / f"us{i:02d}.dcm").write_bytes(dicom_bytes(pixels, modality="US", BodyPartExamined="ABDOMEN"))
+    summary = _replay(stack["grpc_port"], us)
+    assert summary["scored"] == N_OUT_OF_SCOPE and summary["errors"] == 0, summary
+    _wait("CXRMonitorOutOfScopeTraffic to fire",
+          lambda: api.query('ALERTS{alertname="CXRMonitorOutOfScopeTraffic", alertstate="firing"}'), timeout=60)  # fmt: skip
+    share = api.value("cxr_monitor:out_of_scope_share:rate15m")
+    print(f"after {N_OUT_OF_SCOPE} ultrasound DICOMs: out-of-scope share {share}")
+    assert share is not None and share > 0.05
+    assert api.value('cxr_monitor_drift_component_detected{component="out_of_scope", window="count"}') == 1
+    (twin,) = [r for r in grafana_rules if r["title"] == "CXRMonitorOutOfScopeTraffic"]
+    assert _compare_with_twins(api, [twin]) == {twin["title"]: {frozenset()}}
+
     # ---- the dashboard's queries are valid PromQL on a live server, and its core panels have data
     empty = []
     for where, expr in _dashboard_queries():
@@ -467,7 +493,15 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
         if not body["data"]["result"]:
             empty.append(where)
     for must in ("Fleet PSI / A", "Cluster mix now vs reference / A", "Per-image latency p50 / p95 / p99 / B",
-                 "Reliability distribution / A", "Window PSI / A", "Model info / A", "Requests / s by method and code / A"):  # fmt: skip
+                 "Reliability distribution / A", "Window PSI / A", "Model info / A", "Requests / s by method and code / A",
+                 "Drift verdict by component / A", "Drifted features by component / B",
+                 "Largest feature shift by component, against feature_shift_min / C",
+                 "Smallest feature q-value by component, against feature_alpha / C",
+                 "Feature shift in units of feature_shift_min now (largest 15) / A",
+                 *(f"Features beyond feature_shift_min now: shift, p-value and q-value against the thresholds / {r}"
+                   for r in "ABCDEF"),
+                 "Out-of-scope share by header field / A", "Out-of-scope share by header field / B",
+                 "Drift thresholds of the served model / A"):  # fmt: skip
         assert must not in empty, f"dashboard query {must!r} returned no data"
 
     # ---- graceful stop: SIGTERM → exit 0 within the grace period (as Docker and Kubernetes stop it)
