@@ -87,10 +87,11 @@ GRAFANA: tuple[GrafanaTwin, ...] = (
         suffix="replica",
         panel_id=30,
         check_first=(
-            "the 'Drift detected' row of {{ $labels.instance }} and its window PSI, novelty and max feature "
-            "shift panels; run `cxr-monitor drift` on a sample of that replica's recent images for the most "
-            "shifted spectral features; then which source feeds that replica (site, scanner, export "
-            "settings, or the sending DICOM AE)."
+            "'Drift verdict by component' of {{ $labels.instance }} for the part that fires (cluster_mix: "
+            "window PSI and chi-square p; novelty; intensity and spectral features: 'Features beyond "
+            "feature_shift_min now'; out_of_scope: 'Out-of-scope share by header field'); `cxr-monitor drift` "
+            "on a sample of that replica's recent images lists the most shifted features; then which source "
+            "feeds that replica (site, scanner, export settings, or the sending DICOM AE)."
         ),
     ),
     GrafanaTwin(
