@@ -292,7 +292,13 @@ def test_dashboard_shows_drift_and_dicom_traffic_per_source(dashboard: dict, exp
     dicom = {n for n in exposed_names if n.startswith("cxr_monitor_dicom_") and not n.endswith("_created")}
     dicom -= {n for n in dicom if n.endswith(("_count", "_sum"))}
     assert dicom - used == set()
-    for gauge in ("drift_psi", "drift_novelty_ratio", "drift_estimated_failure_ratio", "drift_detected"):
+    for gauge in (
+        "drift_psi",
+        "drift_novelty_ratio",
+        "drift_estimated_failure_ratio",
+        "drift_detected",
+        "drift_component_detected",
+    ):
         assert f"cxr_monitor_source_{gauge}" in used, gauge
     assert any('source=~"$source"' in e for e in exprs)
     assert "source" in {v["name"] for v in dashboard["templating"]["list"]}
