@@ -236,7 +236,7 @@ def test_dashboard_shows_drift_components_and_features(dashboard: dict) -> None:
     # Feature statistics are shown against the model's own thresholds (read from the gauge) in one panel.
     panels = [" ".join(t["expr"] for t in p.get("targets", [])) for p in _panels(dashboard)]
     assert any('threshold="feature_alpha"' in e and "feature_q_value" in e for e in panels)
-    assert any('threshold="feature_shift_min"' in e and "feature_shift{" in e for e in panels)
+    assert any('threshold="feature_shift_min"' in e and "feature_rank_shift{" in e for e in panels)
     assert any("feature_p_value" in e and "feature_q_value" in e and "feature_detected" in e for e in panels)
     assert "cxr_monitor_out_of_scope_images_total" in used
     assert "cxr_monitor:out_of_scope_share:rate15m" in used

@@ -495,11 +495,11 @@ def test_drift_alert_quiet_on_nih_and_firing_on_kermany(stack: dict) -> None:
     for must in ("Fleet PSI / A", "Cluster mix now vs reference / A", "Per-image latency p50 / p95 / p99 / B",
                  "Reliability distribution / A", "Window PSI / A", "Model info / A", "Requests / s by method and code / A",
                  "Drift verdict by component / A", "Drifted features by component / B",
-                 "Largest feature shift by component, against feature_shift_min / C",
+                 "Largest feature rank shift by component, against feature_shift_min / C",
                  "Smallest feature q-value by component, against feature_alpha / C",
-                 "Feature shift in units of feature_shift_min now (largest 15) / A",
-                 *(f"Features beyond feature_shift_min now: shift, p-value and q-value against the thresholds / {r}"
-                   for r in "ABCDEF"),
+                 "Feature rank shift in units of feature_shift_min now (largest 15) / A",
+                 *(f"Features beyond feature_shift_min now: shift, rank shift, p-value and q-value against the thresholds / {r}"
+                   for r in "ABCDEFG"),
                  "Out-of-scope share by header field / A", "Out-of-scope share by header field / B",
                  "Drift thresholds of the served model / A"):  # fmt: skip
         assert must not in empty, f"dashboard query {must!r} returned no data"
