@@ -319,7 +319,10 @@ def test_orthanc_rest_store_forwards_a_study(node: Node, orthanc: str, nih_sc: l
     body = json.dumps({"Resources": [study], "Synchronous": True}).encode()
     job = _http(f"{orthanc}/modalities/monitor/store", body, "application/json")
     assert job["InstancesCount"] == 1 and job["FailedInstancesCount"] == 0  # type: ignore[index]
-    _wait(lambda: node.scored("ORTHANC") == before + 1, "the study's instance scored")
+    # At least one: the upload above may also be auto-routed by Orthanc's Lua, asynchronously, so
+    # its copy can land after `before` was read (seen once in CI under load: the count never
+    # equalled before + 1). No duplicate sends is test_orthanc_autoroutes_every_upload_to_the_node's.
+    _wait(lambda: node.scored("ORTHANC") >= before + 1, "the study's instance scored")
 
 
 # --------------------------------------------------------------------------- bad traffic
