@@ -44,7 +44,7 @@ import numpy as np
 from scipy import stats
 
 from .defaults import DEFAULT_AUDIT_ALPHA, DEFAULT_AUDIT_MIN_EFFECT, DEFAULT_AUDIT_MIN_SEGMENT_IMAGES
-from .drift import ReferenceRanks, WindowStats, psi
+from .drift import WindowStats, psi
 from .errors import InvalidInputError
 from .model import ReliabilityModel
 from .reliability import benjamini_hochberg
@@ -163,50 +163,15 @@ def read_manifest(
 
 
 @dataclass
-class CellStats:
-    """Sufficient statistics of the scored images of one (group, period) cell (mergeable)."""
+class CellStats(WindowStats):
+    """Sufficient statistics of the scored images of one (group, period) cell (mergeable).
 
-    n_clusters: int
-    n_features: int
-    # The model's reference ranks: each cell's drift report then uses drift's rank-based
-    # per-feature tests, as the sidecar's windows do (Welch's test on heavy-tailed intensity
-    # features fires far above its level in cells of a few dozen images).
-    ranks: ReferenceRanks | None = None
-    n: int = 0
-    n_novel: int = 0
+    A drift window (:class:`monitor.drift.WindowStats`: built with the model's reference
+    ranks, its drift report uses the same rank-based per-feature tests as the sidecar's
+    windows) that also counts the images that could not be read.
+    """
+
     n_errors: int = 0
-    failure_probability_sum: float = 0.0
-    # Out-of-scope images by the first header field that failed (see monitor.scope).
-    out_of_scope_counts: dict[str, int] = field(default_factory=dict)
-    cluster_counts: np.ndarray = field(init=False)
-    z_sum: np.ndarray = field(init=False)
-    z_sumsq: np.ndarray = field(init=False)
-    score_sum: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.cluster_counts = np.zeros(self.n_clusters, dtype=np.int64)
-        self.z_sum = np.zeros(self.n_features)
-        self.z_sumsq = np.zeros(self.n_features)
-        self.score_sum = np.zeros(self.n_features)
-
-    @property
-    def n_out_of_scope(self) -> int:
-        return sum(self.out_of_scope_counts.values())
-
-    def add(
-        self, cluster: int, is_novel: bool, failure_probability: float, z: np.ndarray, out_of_scope: str = ""
-    ) -> None:
-        """Add one scored image (``out_of_scope``: the header field that put it out of scope, or "")."""
-        self.n += 1
-        self.n_novel += int(is_novel)
-        self.failure_probability_sum += failure_probability
-        self.cluster_counts[cluster] += 1
-        self.z_sum += z
-        self.z_sumsq += z * z
-        if self.ranks is not None:
-            self.score_sum += self.ranks.scores(z)
-        if out_of_scope:
-            self.out_of_scope_counts[out_of_scope] = self.out_of_scope_counts.get(out_of_scope, 0) + 1
 
     def merged(self, other: CellStats) -> CellStats:
         out = CellStats(self.n_clusters, self.n_features, self.ranks)
@@ -214,7 +179,8 @@ class CellStats:
         out.n_errors = self.n_errors + other.n_errors
         out.failure_probability_sum = self.failure_probability_sum + other.failure_probability_sum
         out.cluster_counts = self.cluster_counts + other.cluster_counts
-        out.z_sum, out.z_sumsq = self.z_sum + other.z_sum, self.z_sumsq + other.z_sumsq
+        out.feature_sum = self.feature_sum + other.feature_sum
+        out.feature_sumsq = self.feature_sumsq + other.feature_sumsq
         out.score_sum = self.score_sum + other.score_sum
         out.out_of_scope_counts = {
             k: self.out_of_scope_counts.get(k, 0) + other.out_of_scope_counts.get(k, 0)
@@ -222,24 +188,13 @@ class CellStats:
         }
         return out
 
-    def window(self) -> WindowStats:
-        """As the model's drift report wants it."""
-        w = WindowStats(self.n_clusters, self.n_features, self.ranks)
-        w.score_sum = self.score_sum.copy()
-        w.cluster_counts = self.cluster_counts.copy()
-        w.feature_sum = self.z_sum.copy()
-        w.feature_sumsq = self.z_sumsq.copy()
-        w.n, w.n_novel, w.failure_probability_sum = self.n, self.n_novel, self.failure_probability_sum
-        w.out_of_scope_counts = dict(self.out_of_scope_counts)
-        return w
-
     def mean(self) -> np.ndarray:
-        return self.z_sum / max(self.n, 1)
+        return self.feature_sum / max(self.n, 1)
 
     def var(self) -> np.ndarray:
         if self.n < 2:
             return np.zeros(self.n_features)
-        return np.maximum(self.z_sumsq - self.z_sum**2 / self.n, 0.0) / (self.n - 1)
+        return np.maximum(self.feature_sumsq - self.feature_sum**2 / self.n, 0.0) / (self.n - 1)
 
 
 @dataclass(frozen=True)
@@ -515,8 +470,7 @@ def run_audit(
         )
         n += 1
     reports = {
-        g: {t: model.drift(c.window()).to_dict() if c.n else None for t, c in per.items()}
-        for g, per in cells.items()
+        g: {t: model.drift(c).to_dict() if c.n else None for t, c in per.items()} for g, per in cells.items()
     }
     scored = {g: {t: c for t, c in per.items() if c.n} for g, per in cells.items()}
     changes = find_changes(
