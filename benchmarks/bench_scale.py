@@ -137,10 +137,6 @@ def _autogroup() -> dict[str, Any]:
 
 
 def bench_throughput(n_images: int, repeats: int) -> dict[str, Any]:
-    import logging
-
-    from distributed import Client, LocalCluster
-
     from monitor.distributed import DaskRunner
     from monitor.parallel import profile_stream
     from monitor.spectrum import SpectralProfiler
@@ -160,15 +156,7 @@ def bench_throughput(n_images: int, repeats: int) -> dict[str, Any]:
                 {"startup_s": t1 - t0, "profiles_per_s": (n - 1) / (t2 - t1), "loadavg": loadavg()[0]}
             )
         t0 = time.perf_counter()
-        cluster = LocalCluster(
-            n_workers=2,
-            threads_per_worker=1,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address="127.0.0.1:0",
-            silence_logs=logging.ERROR,
-        )
-        runner = DaskRunner(Client(cluster), cluster)
+        runner = DaskRunner.connect("local", n_workers=2)
         stream = runner.profile_stream(files, spec)
         next(stream)
         t1 = time.perf_counter()

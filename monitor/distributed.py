@@ -120,7 +120,9 @@ class DaskRunner:
 
     @classmethod
     def connect(cls, scheduler: str, *, n_workers: int = 2, timeout: float = 30.0) -> DaskRunner:
-        """``local``: start a LocalCluster of ``n_workers`` single-threaded processes; else an address."""
+        """``local``: start a LocalCluster of ``n_workers`` single-threaded processes; else an address.
+
+        ``timeout``: seconds to wait for the scheduler's connection."""
         from distributed import Client, LocalCluster
 
         if scheduler == "local":
@@ -134,7 +136,7 @@ class DaskRunner:
                 dashboard_address="127.0.0.1:0",
                 silence_logs=logging.ERROR,
             )
-            return cls(Client(cluster), cluster)
+            return cls(Client(cluster, timeout=timeout), cluster)
         try:
             return cls(Client(scheduler, timeout=timeout))
         except (OSError, TimeoutError, ValueError) as exc:

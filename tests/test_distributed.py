@@ -4,7 +4,6 @@ as local runs, a Parquet cache reused across runs, and nothing lost when a worke
 from __future__ import annotations
 
 import csv
-import logging
 import os
 import signal
 from pathlib import Path
@@ -27,15 +26,7 @@ SPEC = SpectralProfiler(working_size=128).spec()
 
 @pytest.fixture(scope="module")
 def runner() -> DaskRunner:
-    cluster = distributed.LocalCluster(
-        n_workers=2,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address="127.0.0.1:0",
-        silence_logs=logging.ERROR,
-    )
-    r = DaskRunner(distributed.Client(cluster, timeout=60), cluster)
+    r = DaskRunner.connect("local", n_workers=2, timeout=60)
     r.client.wait_for_workers(2, timeout=120)
     yield r
     r.close()
